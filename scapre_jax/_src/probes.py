@@ -1,0 +1,135 @@
+"""Noisy probes of a weight matrix: the MI soft mask and the entropy factor.
+
+ALGORITHM.md "MI soft mask r_j" and "Entropy factor e". Both estimators take
+their standard-normal noise as arguments; `draw_probe_noise` draws it from a
+key, one fold of the key per concept, so concept j gets the same noise
+whether it sits in a set of 3 or in a padded set of 300.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from scapre_jax._src.targets import einsum
+
+EPS = 1e-8
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ProbeNoise:
+  """Standard normals: MI positives/negatives (m, K, d_in), entropy (m, S, d_in)."""
+
+  mi_pos: Array
+  mi_neg: Array
+  entropy: Array
+
+
+def draw_probe_noise(key: Array, num_concepts: int, d_in: int, *,
+                     num_pos: int, entropy_samples: int,
+                     dtype=jnp.float32) -> ProbeNoise:
+  """Noise for every concept: concept j uses `fold_in(key, j)` only."""
+
+  def one(index):
+    k_pos, k_neg, k_ent = jax.random.split(jax.random.fold_in(key, index), 3)
+    return (jax.random.normal(k_pos, (num_pos, d_in), dtype),
+            jax.random.normal(k_neg, (num_pos, d_in), dtype),
+            jax.random.normal(k_ent, (entropy_samples, d_in), dtype))
+
+  pos, neg, ent = jax.vmap(one)(jnp.arange(num_concepts))
+  return ProbeNoise(pos, neg, ent)
+
+
+def lower_median(x: Float[Array, "... n"]) -> Float[Array, "..."]:
+  """torch.median semantics: for an even count, the smaller middle value."""
+  n = x.shape[-1]
+  return jnp.sort(x, axis=-1)[..., (n - 1) // 2]
+
+
+def mi_soft_mask(
+    weight: Float[Array, "d_out d_in"],
+    concept_vecs: Float[Array, "m d_in"],
+    empty_vec: Float[Array, "d_in"],
+    pos_noise: Float[Array, "m K d_in"],
+    neg_noise: Float[Array, "m K d_in"],
+    concept_mask: Bool[Array, "m"],
+    *,
+    sigma: float,
+    temperature: float,
+    power: float,
+    mode: str = "released",
+) -> Float[Array, "m d_out"]:
+  """Row weights r_j of every concept; zero for padding concepts.
+
+  mode "released" forms the MI exactly as the released code: float32 cell
+  counts, the four terms summed in the order 11, 10, 01, 00, float32
+  standardisation. mode "canonical" (our departure, see README) makes the MI
+  a function of the cell counts alone: the four terms are summed in sorted
+  order, so rows whose cells are a permutation of each other (a concept firing
+  above vs. below the empty prompt) get bit-identical MI, and rows tied at the
+  maximum get equal weight instead of weights decided by one float ulp.
+  """
+  num_pos = pos_noise.shape[1]
+  pos = concept_vecs[:, None, :] + sigma * pos_noise
+  neg = empty_vec + sigma * neg_noise
+  acts = einsum("oi,mki->mok", weight, jnp.concatenate([pos, neg], axis=1))
+  tau = lower_median(acts)
+  fired = acts > tau[..., None]
+  label = jnp.arange(2 * num_pos) < num_pos
+  counts = [jnp.sum((fired == a) & (label == b), axis=-1)
+            for a, b in ((True, True), (True, False), (False, True), (False, False))]
+  dtype = jnp.float32 if mode == "released" else weight.dtype
+  mi = _mutual_information(*counts, total=2 * num_pos, dtype=dtype,
+                           ordered=mode == "released")
+  mean = jnp.mean(mi, axis=-1, keepdims=True)
+  std = jnp.std(mi, axis=-1, keepdims=True, ddof=1)
+  standard = (mi - mean) / (std + EPS)
+  weights = jax.nn.sigmoid(standard / temperature) ** power
+  return jnp.where(concept_mask[:, None], weights.astype(weight.dtype), 0)
+
+
+def _mutual_information(n11, n10, n01, n00, *, total, dtype, ordered):
+  p11, p10, p01, p00 = ((n.astype(dtype) + EPS) / total for n in (n11, n10, n01, n00))
+  p1_, p0_ = p11 + p10, p01 + p00
+  p_1, p_0 = p11 + p01, p10 + p00
+  terms = (p11 * jnp.log(p11 / (p1_ * p_1)), p10 * jnp.log(p10 / (p1_ * p_0)),
+           p01 * jnp.log(p01 / (p0_ * p_1)), p00 * jnp.log(p00 / (p0_ * p_0)))
+  if ordered:
+    return ((terms[0] + terms[1]) + terms[2]) + terms[3]
+  terms = jnp.sort(jnp.stack(terms, axis=-1), axis=-1)
+  return ((terms[..., 0] + terms[..., 1]) + terms[..., 2]) + terms[..., 3]
+
+
+def entropy_factor(
+    weight: Float[Array, "d_out d_in"],
+    concept_vecs: Float[Array, "m d_in"],
+    noise: Float[Array, "m S d_in"],
+    concept_mask: Bool[Array, "m"],
+    *,
+    sigma: float,
+    bins: int,
+) -> Float[Array, "d_out"]:
+  """e = 1 - H / log B of each row's response to noisy concept vectors.
+
+  Padding concepts are left out of the min-max range and of the histogram.
+  Binning follows torch.histc on [0, 1]: a value on the top edge falls in
+  the last bin.
+  """
+  d_out = weight.shape[0]
+  samples = concept_vecs[:, None, :] + sigma * noise
+  acts = einsum("oi,msi->oms", weight, samples).reshape(d_out, -1)
+  valid = jnp.broadcast_to(concept_mask[:, None], noise.shape[:2]).reshape(-1)
+  low = jnp.min(jnp.where(valid, acts, jnp.inf), axis=-1, keepdims=True)
+  high = jnp.max(jnp.where(valid, acts, -jnp.inf), axis=-1, keepdims=True)
+  scaled = (acts - low) / (high - low + EPS)
+  index = jnp.clip(jnp.floor(scaled * bins).astype(jnp.int32), 0, bins - 1)
+  in_range = valid & (scaled >= 0) & (scaled <= 1)
+  hist = jnp.sum((index[..., None] == jnp.arange(bins)) & in_range[..., None],
+                 axis=1, dtype=weight.dtype)
+  prob = hist / (jnp.sum(hist, axis=-1, keepdims=True) + EPS)
+  entropy = -jnp.sum(prob * jnp.log(prob + EPS), axis=-1)
+  return 1 - entropy / jnp.log(jnp.asarray(bins, weight.dtype))

@@ -1,0 +1,95 @@
+"""Linear solves and row-wise proximal steps.
+
+ALGORITHM.md large-scale steps 6-8, the small-scale solve and UCE. All
+functions act on one matrix in PyTorch orientation (d_out, d_in); batching
+over matrices and sets happens outside with vmap.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import jax.scipy.linalg
+from jaxtyping import Array, Float
+
+from scapre_jax._src.targets import einsum
+
+EPS = 1e-8
+
+
+def symmetrize(a: Float[Array, "d d"]) -> Float[Array, "d d"]:
+  return (a + a.T) / 2
+
+
+def solve_row_sylvester(
+    gram: Float[Array, "d_in d_in"],
+    projector: Float[Array, "d_in d_in"],
+    rhs: Float[Array, "d_out d_in"],
+    alpha: Float[Array, "d_out"],
+) -> Float[Array, "d_out d_in"]:
+  """Solves W G + diag(alpha) W Pi = B, i.e. w_i (G + alpha_i Pi) = b_i.
+
+  Step 6: with G = Q diag(g) Q^T and G^{-1/2} Pi G^{-1/2} = P diag(k) P^T,
+  W = [(B M) / (1 + alpha k^T)] M^T where M = G^{-1/2} P. Two symmetric
+  eigendecompositions replace one Cholesky solve per row. G must be SPD and
+  Pi symmetric PSD.
+  """
+  g, q = jnp.linalg.eigh(symmetrize(gram))
+  inv_sqrt = einsum("ik,k,jk->ij", q, g ** -0.5, q)
+  kappa, p = jnp.linalg.eigh(
+      symmetrize(einsum("ij,jk,kl->il", inv_sqrt, projector, inv_sqrt)))
+  m = einsum("ik,kj->ij", inv_sqrt, p)
+  z = einsum("oi,ik->ok", rhs, m) / (1 + alpha[:, None] * kappa[None, :])
+  return einsum("ok,ik->oi", z, m)
+
+
+def solve_spd_right(
+    lhs: Float[Array, "d_out d_in"], gram: Float[Array, "d_in d_in"]
+) -> Float[Array, "d_out d_in"]:
+  """lhs @ inv(gram) for symmetric positive definite gram (Cholesky)."""
+  factor = jax.scipy.linalg.cho_factor(symmetrize(gram))
+  return jax.scipy.linalg.cho_solve(factor, lhs.T).T
+
+
+def _row_norm(x):
+  return jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), EPS)
+
+
+def bures_prox(
+    original: Float[Array, "d_out d_in"],
+    solved: Float[Array, "d_out d_in"],
+    *,
+    mu: Float[Array, ""],
+    lam_prox: Float[Array, ""],
+    iters: int,
+) -> Float[Array, "d_out d_in"]:
+  """Step 7: row-wise Bures proximal fixed point, max(1, iters) iterations."""
+  a = _row_norm(solved)
+  u_a = solved / a
+  r0 = _row_norm(original)
+  u0 = original / r0
+  u, r = u_a, a
+  for _ in range(max(1, iters)):
+    kappa = jnp.maximum(jnp.sum(u * u0, axis=-1, keepdims=True), 0)
+    r = (lam_prox * a + mu * r0 * kappa) / (lam_prox + mu)
+    direction = lam_prox * a * u_a + mu * r0 * kappa * u0
+    u = direction / _row_norm(direction)
+  return r * u
+
+
+def egbr(
+    original: Float[Array, "d_out d_in"],
+    edited: Float[Array, "d_out d_in"],
+    spread: Float[Array, "d_out"],
+) -> Float[Array, "d_out d_in"]:
+  """Step 8: entropy-gated blend of direction and log squared norm.
+
+  `spread` is h = clip(1 - e, 0, 1) of each row.
+  """
+  alpha = (1 - jnp.exp(-spread / jnp.maximum(jnp.max(spread), 1e-6)))[:, None]
+  n0, nb = _row_norm(original), _row_norm(edited)
+  u0, ub = original / n0, edited / nb
+  beta = alpha * jnp.maximum(jnp.sum(u0 * ub, axis=-1, keepdims=True), 0)
+  direction = (1 - beta) * u0 + beta * ub
+  direction = direction / _row_norm(direction)
+  sq_norm = jnp.exp((1 - alpha) * jnp.log(n0 ** 2) + alpha * jnp.log(nb ** 2))
+  return jnp.sqrt(sq_norm) * direction

@@ -1,0 +1,162 @@
+"""Edit settings: one frozen dataclass, named presets.
+
+Every field maps to a setting of ALGORITHM.md; the comments name the symbol
+used there. The config is hashable, so jitted functions take it as a static
+argument: two calls with equal configs share one compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Method = Literal["scapre", "scapre-small", "uce"]
+Technique = Literal["replace", "tensor"]
+MIMode = Literal["released", "canonical"]
+
+METHODS: tuple[str, ...] = ("scapre", "scapre-small", "uce")
+TECHNIQUES: tuple[str, ...] = ("replace", "tensor")
+MI_MODES: tuple[str, ...] = ("released", "canonical")
+
+
+@dataclasses.dataclass(frozen=True)
+class EditConfig:
+  """Settings of one edit.
+
+  `method` picks the solver: "scapre" (large-scale: Sylvester solve + Bures
+  step, ALGORITHM.md "Large-scale solver"), "scapre-small" (erase.py solve
+  with entropy rollback) or "uce" (the baseline).
+  """
+
+  method: Method = "scapre"
+  lamb: float = 0.5  # lambda: pull towards the original weights
+  erase_scale: float = 2.0  # eta
+  # gamma for preserve terms; None = max(0.1, 1 / (1 + number of preserve
+  # prompts)), the UCE default.
+  preserve_scale: float | None = None
+  technique: Technique = "replace"
+  noise_sigma: float = 0.01  # sigma of the MI and entropy probes
+  # MI soft mask (Informax Decoupler).
+  mi_mask: bool = True
+  p: float = 8.0  # exponent of the soft mask
+  mi_temperature: float = 0.7  # T
+  mi_num_pos: int = 5  # K positives and K negatives
+  mi_mode: MIMode = "released"
+  # Entropy factor.
+  entropy_samples: int = 30  # S
+  entropy_bins: int = 20  # B
+  # Spectral pieces: ASED regulariser (scapre) and residual (scapre-small).
+  ased: bool = True
+  spectral_temperature: float = 1.0  # T_sigma
+  spectral_power: float = 1.0  # p_sigma
+  # Bures proximal step and EGBR safety valve (scapre).
+  bures_iters: int = 1
+  egbr: bool = False
+  # Small-scale solver.
+  alpha_min: float = 0.8  # rollback floor
+  spectral_residual: bool = False  # released --svd
+  residual_scale: float | None = None  # eta_res; None = erase_scale
+  # Relative singular-value cut-off of the concept projector Pi; None picks
+  # d_in * eps(dtype), which matches the released inverse where it is well
+  # conditioned and stays finite past m = d_in.
+  projector_rtol: float | None = None
+  # Which projections of each cross-attention layer an erase edits.
+  targets: tuple[str, ...] = ("to_k", "to_v")
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> None:
+    """Raises ValueError naming the first setting that is out of range."""
+    if self.method not in METHODS:
+      raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+    if self.technique not in TECHNIQUES:
+      raise ValueError(
+          f"unknown technique {self.technique!r}; expected one of {TECHNIQUES}")
+    if self.mi_mode not in MI_MODES:
+      raise ValueError(f"unknown mi_mode {self.mi_mode!r}; expected one of {MI_MODES}")
+    positive = {
+        "lamb": self.lamb,
+        "erase_scale": self.erase_scale,
+        "mi_temperature": self.mi_temperature,
+        "spectral_temperature": self.spectral_temperature,
+    }
+    for name, value in positive.items():
+      if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    non_negative = {
+        "noise_sigma": self.noise_sigma,
+        "p": self.p,
+        "spectral_power": self.spectral_power,
+        "alpha_min": self.alpha_min,
+        "preserve_scale": self.preserve_scale or 0.0,
+        "residual_scale": self.residual_scale or 0.0,
+        "projector_rtol": self.projector_rtol or 0.0,
+    }
+    for name, value in non_negative.items():
+      if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if self.alpha_min > 1:
+      raise ValueError(f"alpha_min must be in [0, 1], got {self.alpha_min!r}")
+    for name in ("mi_num_pos", "entropy_samples", "entropy_bins"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(self.bures_iters, int) or self.bures_iters < 0:
+      raise ValueError(f"bures_iters must be an int >= 0, got {self.bures_iters!r}")
+    if not self.targets or any(t not in ("to_k", "to_v") for t in self.targets):
+      raise ValueError(
+          f"targets must be a non-empty subset of ('to_k', 'to_v'), got {self.targets!r}")
+    for name in ("mi_mask", "ased", "egbr", "spectral_residual"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "EditConfig":
+    """A named preset, optionally with some fields replaced."""
+    try:
+      fields = PRESETS[name]
+    except KeyError:
+      raise ValueError(
+          f"unknown preset {name!r}; expected one of {tuple(PRESETS)}") from None
+    return cls(**{**fields, **overrides})
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["targets"] = list(self.targets)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "EditConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown EditConfig fields: {unknown}")
+    d = dict(d)
+    if "targets" in d:
+      d["targets"] = tuple(d["targets"])
+    return cls(**d)
+
+
+# The released scripts' settings (ALGORITHM.md "Released presets").
+PRESETS: dict[str, dict] = {
+    # Many objects or artists at once.
+    "scapre": dict(
+        method="scapre", lamb=0.5, erase_scale=2.0, mi_mask=True, p=8.0,
+        ased=True, entropy_samples=30, entropy_bins=20, bures_iters=1,
+        technique="replace", noise_sigma=0.01),
+    # Explicit content: no MI mask, no ASED.
+    "scapre-nsfw": dict(
+        method="scapre", lamb=0.5, erase_scale=2.0, mi_mask=False, p=3.0,
+        ased=False, entropy_samples=20, entropy_bins=20, bures_iters=1,
+        technique="replace", noise_sigma=0.01),
+    # The small-scale solver of erase.py (Imagenette-10 settings).
+    "scapre-small": dict(
+        method="scapre-small", lamb=0.5, erase_scale=1.0, mi_mask=True, p=2.0,
+        alpha_min=0.8, entropy_samples=20, entropy_bins=20, ased=False,
+        technique="replace", noise_sigma=0.01),
+    # Unified Concept Editing, with preserve terms.
+    "uce": dict(
+        method="uce", lamb=0.5, erase_scale=1.0, mi_mask=False, ased=False,
+        technique="replace", preserve_scale=None),
+}

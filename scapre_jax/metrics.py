@@ -1,0 +1,99 @@
+"""What an edit did, measured in the projection space (ALGORITHM.md, last
+section): how far each erased concept's projections moved to their targets,
+and how little the projections of preserved or unrelated prompts moved.
+
+All functions take Flax kernels (d_in, d_out), before and after the edit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float
+
+from scapre_jax._src import targets
+from scapre_jax.config import EditConfig
+from scapre_jax.edit import compute_dtype
+from scapre_jax.inputs import ConceptInputs
+
+
+def _project(kernel, seqs, mask):
+  return jnp.where(mask[..., None], targets.einsum("nli,io->nlo", seqs, kernel), 0)
+
+
+def _norm(x):
+  return jnp.sqrt(jnp.sum(x * x, axis=(-2, -1)))
+
+
+@jax.jit
+def target_gap(
+    before: Float[Array, "d_in d_out"],
+    after: Float[Array, "d_in d_out"],
+    target: Float[Array, "m L d_out"],
+    old_seqs: Float[Array, "m L d_in"],
+    seq_mask: Bool[Array, "m L"],
+) -> Float[Array, "m"]:
+  """||X_j W'^T - V_j||_F / ||X_j W^T - V_j||_F per concept.
+
+  1 means the edit did not move concept j towards its target, 0 that the
+  edited projection of X_j equals V_j exactly.
+  """
+  old = _project(before, old_seqs, seq_mask) - target
+  new = _project(after, old_seqs, seq_mask) - target
+  return _norm(new) / jnp.maximum(_norm(old), jnp.finfo(old.dtype).tiny)
+
+
+@jax.jit
+def projection_shift(
+    before: Float[Array, "d_in d_out"],
+    after: Float[Array, "d_in d_out"],
+    seqs: Float[Array, "n L d_in"],
+    mask: Bool[Array, "n L"],
+) -> Float[Array, "n"]:
+  """||P (W' - W)^T||_F / ||P W^T||_F per sequence: 0 means untouched."""
+  moved = _project(after - before, seqs, mask)
+  return _norm(moved) / jnp.maximum(_norm(_project(before, seqs, mask)),
+                                    jnp.finfo(moved.dtype).tiny)
+
+
+def edit_report(before: Mapping[str, Array], after: Mapping[str, Array],
+                inputs: ConceptInputs, config: EditConfig, *,
+                other_seqs: Array | None = None, other_mask: Array | None = None,
+                ) -> dict[str, dict]:
+  """Per matrix: mean target gap, mean preserve shift, mean shift of other
+  (unrelated) sequences, and relative weight change ||W' - W|| / ||W||.
+
+  Returned values are Python floats (and lists per concept), ready for JSON.
+  Padding concepts and sequences are left out of the means.
+  """
+  report = {}
+  valid = np.asarray(inputs.concept_mask)
+  has_preserve = bool(np.any(np.asarray(inputs.preserve_mask)))
+  for name, w0 in before.items():
+    ct = compute_dtype(w0.dtype)
+    w0, w1 = jnp.asarray(w0, ct), jnp.asarray(after[name], ct)
+    x = jnp.asarray(inputs.old_seqs, ct)
+    mask = inputs.seq_mask & inputs.concept_mask[:, None]
+    target = targets.target_values(w0.T, x, jnp.asarray(inputs.new_seqs, ct), mask,
+                                   technique=config.technique)
+    gaps = np.asarray(target_gap(w0, w1, target, x, mask))[valid]
+    entry = {
+        "target_gap": float(gaps.mean()),
+        "target_gap_per_concept": [float(g) for g in gaps],
+        "weight_change": float(jnp.linalg.norm(w1 - w0) / jnp.linalg.norm(w0)),
+    }
+    if has_preserve:
+      keep = np.asarray(jnp.any(inputs.preserve_mask, axis=-1))
+      shift = projection_shift(w0, w1, jnp.asarray(inputs.preserve_seqs, ct),
+                               inputs.preserve_mask)
+      entry["preserve_shift"] = float(np.asarray(shift)[keep].mean())
+    if other_seqs is not None:
+      other_mask = (jnp.ones(other_seqs.shape[:2], bool) if other_mask is None
+                    else other_mask)
+      shift = projection_shift(w0, w1, jnp.asarray(other_seqs, ct), other_mask)
+      entry["other_shift"] = float(np.asarray(shift).mean())
+    report[name] = entry
+  return report
