@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from scapre_jax._src.typing import Array, Float
 
 from scapre_jax._src import probes, solvers, spectral, targets
 from scapre_jax.config import EditConfig
@@ -187,8 +187,8 @@ def _check_kernel(name: str, kernel, d_in: int) -> None:
         f"encoded with width {d_in}; the text encoder does not match this model")
 
 
-def edit_projection(kernel: Float[Array, "d_in d_out"], inputs: ConceptInputs,
-                    config: EditConfig, *, key: Array) -> Float[Array, "d_in d_out"]:
+def edit_projection(kernel: Array, inputs: ConceptInputs, config: EditConfig, *,
+                    key: Array) -> Array:
   """Edits one Flax kernel (d_in, d_out); returns the same shape and dtype."""
   return edit_projections({"kernel": kernel}, inputs, config, key=key,
                           _keys={"kernel": key})["kernel"]

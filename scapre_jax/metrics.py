@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float
+from scapre_jax._src.typing import Array, Bool, Float
 
 from scapre_jax._src import targets
 from scapre_jax.config import EditConfig

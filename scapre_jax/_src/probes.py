@@ -12,7 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from scapre_jax._src.typing import Array, Bool, Float
 
 from scapre_jax._src.targets import einsum
 
@@ -32,13 +32,16 @@ class ProbeNoise:
 def draw_probe_noise(key: Array, num_concepts: int, d_in: int, *,
                      num_pos: int, entropy_samples: int,
                      dtype=jnp.float32) -> ProbeNoise:
-  """Noise for every concept: concept j uses `fold_in(key, j)` only."""
+  """Noise for every concept: concept j uses `fold_in(key, j)` only.
+
+  Samples are drawn in float32 and then cast, so a float64 edit probes with
+  the same values as a float32 one.
+  """
 
   def one(index):
     k_pos, k_neg, k_ent = jax.random.split(jax.random.fold_in(key, index), 3)
-    return (jax.random.normal(k_pos, (num_pos, d_in), dtype),
-            jax.random.normal(k_neg, (num_pos, d_in), dtype),
-            jax.random.normal(k_ent, (entropy_samples, d_in), dtype))
+    return tuple(jax.random.normal(k, shape, jnp.float32).astype(dtype) for k, shape in (
+        (k_pos, (num_pos, d_in)), (k_neg, (num_pos, d_in)), (k_ent, (entropy_samples, d_in))))
 
   pos, neg, ent = jax.vmap(one)(jnp.arange(num_concepts))
   return ProbeNoise(pos, neg, ent)

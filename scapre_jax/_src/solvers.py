@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import jax.scipy.linalg
-from jaxtyping import Array, Float
+from scapre_jax._src.typing import Array, Float, Scalar
 
 from scapre_jax._src.targets import einsum
 
@@ -58,8 +58,8 @@ def bures_prox(
     original: Float[Array, "d_out d_in"],
     solved: Float[Array, "d_out d_in"],
     *,
-    mu: Float[Array, ""],
-    lam_prox: Float[Array, ""],
+    mu: Scalar,
+    lam_prox: Scalar,
     iters: int,
 ) -> Float[Array, "d_out d_in"]:
   """Step 7: row-wise Bures proximal fixed point, max(1, iters) iterations."""

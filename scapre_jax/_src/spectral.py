@@ -12,7 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from scapre_jax._src.typing import Array, Bool, Float
 
 from scapre_jax._src.targets import einsum
 

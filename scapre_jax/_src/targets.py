@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Bool, Float
+from scapre_jax._src.typing import Array, Bool, Float
 
 HIGHEST = lax.Precision.HIGHEST
 

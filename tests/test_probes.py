@@ -1,0 +1,99 @@
+"""MI soft mask and entropy factor on hand-worked inputs."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scapre_jax._src import probes
+
+
+def test_lower_median_is_torch_median():
+  x = jnp.array([[4.0, 1.0, 3.0, 2.0], [5.0, 5.0, 0.0, 9.0]])
+  np.testing.assert_array_equal(probes.lower_median(x), [2.0, 5.0])
+  np.testing.assert_array_equal(probes.lower_median(jnp.array([3.0, 1.0, 2.0])), 2.0)
+
+
+def two_level_case():
+  """d_in = 2 (concept axis, empty axis); 4 rows, K = 2, sigma = 0.
+
+  Without noise all positives are equal and all negatives are equal. Row 0
+  fires for the concept only, row 1 for the empty prompt only (both separate
+  perfectly: MI = log 2), rows 2 and 3 respond equally to both, so nothing is
+  above the median: z = 0 everywhere and MI = 0 (up to the 1e-8 cells).
+  """
+  weight = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+  concept = jnp.array([[1.0, 0.0]])
+  empty = jnp.array([0.0, 1.0])
+  zeros = jnp.zeros((1, 2, 2))
+  return weight, concept, empty, zeros
+
+
+@pytest.mark.parametrize("mode", ["released", "canonical"])
+def test_mi_mask_two_levels(mode):
+  weight, concept, empty, zeros = two_level_case()
+  r = probes.mi_soft_mask(weight, concept, empty, zeros, zeros, jnp.array([True]),
+                          sigma=0.0, temperature=0.7, power=2.0, mode=mode)
+  # MI = (log 2, log 2, 0, 0): mean log2/2, sample std log2/sqrt(3) ->
+  # standardised +-sqrt(3)/2.
+  z = np.sqrt(3) / 2
+  sig = lambda x: 1 / (1 + np.exp(-x))
+  want = np.array([sig(z / 0.7), sig(z / 0.7), sig(-z / 0.7), sig(-z / 0.7)]) ** 2
+  np.testing.assert_allclose(np.asarray(r)[0], want, rtol=1e-5)
+
+
+def test_canonical_mode_ties_swapped_rows_exactly():
+  # Rows 0 and 1 separate perfectly but in opposite directions; their cell
+  # counts are permutations of each other. Canonical MI is bit-identical.
+  weight, concept, empty, zeros = two_level_case()
+  args = (weight[:2], concept, empty, zeros, zeros, jnp.array([True]))
+  canonical = probes.mi_soft_mask(*args, sigma=0.0, temperature=0.7, power=8.0,
+                                  mode="canonical")
+  assert canonical[0, 0] == canonical[0, 1]
+  # Every row tied at the maximum: std = 0, so every weight is sigmoid(0)^p.
+  np.testing.assert_allclose(canonical, 0.5 ** 8, rtol=1e-12)
+
+
+def test_mi_mask_padding_concepts_get_zero_weight():
+  weight, concept, empty, zeros = two_level_case()
+  concepts = jnp.concatenate([concept, concept])
+  noise = jnp.zeros((2, 2, 2))
+  r = probes.mi_soft_mask(weight, concepts, empty, noise, noise, jnp.array([True, False]),
+                          sigma=0.0, temperature=0.7, power=2.0)
+  np.testing.assert_array_equal(r[1], 0)
+  assert float(r[0].min()) > 0
+
+
+def test_entropy_factor_hand_worked():
+  # d_in = 1, two rows, one concept c = 1, S = 4 samples with noise
+  # (0, 1, 2, 3) and sigma = 1: acts = w * (1, 2, 3, 4).
+  # Row 0 (w = 1) with B = 4 bins: scaled (0, 1/3, 2/3, 1) -> one value per
+  # bin -> H = log 4 -> e = 0. Row 1 (w = 0): every act is 0 -> all in bin 0
+  # -> H = 0 -> e = 1.
+  weight = jnp.array([[1.0], [0.0]])
+  noise = jnp.array([[[0.0], [1.0], [2.0], [3.0]]])
+  e = probes.entropy_factor(weight, jnp.array([[1.0]]), noise, jnp.array([True]),
+                            sigma=1.0, bins=4)
+  np.testing.assert_allclose(e, [0.0, 1.0], atol=1e-6)
+
+
+def test_entropy_factor_two_bins_and_padding():
+  # Acts (0, 0, 0, 9) over B = 3 bins: p = (3/4, 0, 1/4); a padding concept
+  # whose acts would widen the range must change nothing.
+  weight = jnp.array([[1.0]])
+  noise = jnp.array([[[0.0], [0.0], [0.0], [9.0]], [[100.0], [-50.0], [7.0], [1.0]]])
+  e = probes.entropy_factor(weight, jnp.zeros((2, 1)), noise, jnp.array([True, False]),
+                            sigma=1.0, bins=3)
+  p = np.array([0.75, 0.25])
+  want = 1 - (-(p * np.log(p)).sum()) / np.log(3)
+  np.testing.assert_allclose(e, [want], rtol=1e-6)
+
+
+def test_probe_noise_per_concept_independent_of_set_size():
+  import jax
+  key = jax.random.key(3)
+  small = probes.draw_probe_noise(key, 3, 5, num_pos=2, entropy_samples=4)
+  large = probes.draw_probe_noise(key, 7, 5, num_pos=2, entropy_samples=4)
+  for name in ("mi_pos", "mi_neg", "entropy"):
+    np.testing.assert_array_equal(getattr(small, name), getattr(large, name)[:3])
+  assert small.entropy.shape == (3, 4, 5)
+  assert not np.allclose(small.mi_pos[0], small.mi_pos[1])

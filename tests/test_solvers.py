@@ -1,0 +1,101 @@
+"""Closed-form solves and row-wise steps against float64 oracles."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+from scapre_jax._src import solvers
+
+
+def spd(rng, d, cond):
+  """Random SPD matrix with condition number `cond`."""
+  q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+  return (q * np.geomspace(1, cond, d)) @ q.T
+
+
+def projector(rng, d, rank):
+  q, _ = np.linalg.qr(rng.normal(size=(d, rank)))
+  return q @ q.T
+
+
+@pytest.mark.parametrize("cond", [1e1, 1e4, 1e7])
+@pytest.mark.parametrize("rank", [1, 5, 24])
+def test_row_sylvester_matches_per_row_solves(cond, rank):
+  rng = np.random.default_rng(int(cond) + rank)
+  d_in, d_out = 24, 9
+  g, pi = spd(rng, d_in, cond), projector(rng, d_in, rank)
+  b = rng.normal(size=(d_out, d_in))
+  alpha = rng.uniform(0, 3, size=d_out)
+  got = np.asarray(solvers.solve_row_sylvester(g, pi, b, alpha))
+  want = np.stack([np.linalg.solve((g + a * pi).T, row) for a, row in zip(alpha, b)])
+  # Backward-stable solves: error grows like cond * eps.
+  np.testing.assert_allclose(got, want, rtol=0, atol=cond * 1e-13 * np.abs(want).max())
+
+
+def test_row_sylvester_matches_scipy_when_projector_is_identity():
+  # W G + diag(alpha) W = B is scipy's A X + X B = Q with A = diag(alpha).
+  rng = np.random.default_rng(1)
+  g = spd(rng, 16, 1e3)
+  b = rng.normal(size=(7, 16))
+  alpha = rng.uniform(0.1, 2, size=7)
+  got = solvers.solve_row_sylvester(g, np.eye(16), b, alpha)
+  want = scipy.linalg.solve_sylvester(np.diag(alpha), g, b)
+  np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_row_sylvester_float32_keeps_dtype_and_accuracy():
+  rng = np.random.default_rng(2)
+  g, pi = spd(rng, 32, 1e3), projector(rng, 32, 4)
+  b = rng.normal(size=(5, 32))
+  alpha = rng.uniform(0, 2, size=5)
+  want = np.asarray(solvers.solve_row_sylvester(g, pi, b, alpha))
+  got = solvers.solve_row_sylvester(*(jnp.asarray(x, jnp.float32) for x in (g, pi, b, alpha)))
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())
+
+
+def test_solve_spd_right():
+  rng = np.random.default_rng(3)
+  g = spd(rng, 12, 1e3)
+  b = rng.normal(size=(4, 12))
+  np.testing.assert_allclose(solvers.solve_spd_right(b, g), b @ np.linalg.inv(g),
+                             rtol=1e-9, atol=1e-12)
+
+
+def test_bures_prox_hand_worked():
+  # One row: w0 = (2, 0), we = (0, 1); lam_p = 1, mu = 1, one iteration.
+  # a = 1, u_a = (0, 1), r0 = 2, u0 = (1, 0); kappa = max(u_a . u0, 0) = 0
+  # -> r = (1*1 + 0) / 2 = 0.5 and u = normalise((0, 1)) -> result (0, 0.5).
+  w0 = jnp.array([[2.0, 0.0]])
+  we = jnp.array([[0.0, 1.0]])
+  out = solvers.bures_prox(w0, we, mu=1.0, lam_prox=1.0, iters=1)
+  np.testing.assert_allclose(out, [[0.0, 0.5]], atol=1e-15)
+  # Second iteration: u = (0, 1) still orthogonal to u0, so the same result.
+  np.testing.assert_allclose(solvers.bures_prox(w0, we, mu=1.0, lam_prox=1.0, iters=2),
+                             [[0.0, 0.5]], atol=1e-15)
+  # Aligned rows: w0 = (2, 0), we = (1, 0): kappa = 1, r = (1 + 2)/2 = 1.5.
+  out = solvers.bures_prox(w0, jnp.array([[1.0, 0.0]]), mu=1.0, lam_prox=1.0, iters=3)
+  np.testing.assert_allclose(out, [[1.5, 0.0]], atol=1e-15)
+
+
+def test_bures_prox_without_mu_returns_solution():
+  rng = np.random.default_rng(4)
+  w0, we = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+  np.testing.assert_allclose(solvers.bures_prox(w0, we, mu=0.0, lam_prox=0.7, iters=2),
+                             we, rtol=1e-12)
+
+
+def test_egbr_hand_worked():
+  # Row 0 has h = max(h): alpha = 1 - e^-1; row 1 has h = 0: alpha = 0, so it
+  # keeps w0 exactly.
+  w0 = jnp.array([[3.0, 0.0], [0.0, 2.0]])
+  wb = jnp.array([[0.0, 4.0], [5.0, 5.0]])
+  h = jnp.array([0.5, 0.0])
+  out = np.asarray(solvers.egbr(w0, wb, h))
+  np.testing.assert_allclose(out[1], [0.0, 2.0], atol=1e-15)
+  # Row 0: cos(w0, wb) = 0 -> beta = 0, direction u0 = (1, 0);
+  # squared norm = exp((1-a) log 9 + a log 16).
+  a = 1 - np.exp(-1.0)
+  np.testing.assert_allclose(out[0], [np.sqrt(np.exp((1 - a) * np.log(9) + a * np.log(16))), 0],
+                             rtol=1e-14)
