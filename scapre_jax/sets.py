@@ -1,0 +1,128 @@
+"""Many concept sets in one compiled call.
+
+Sets are padded to common sizes (concepts, sequence rows, preserve prompts)
+with masks and stacked along a leading "sets" axis; `edit_sets` vmaps the
+engine over that axis. Padding changes nothing (tests/test_edit.py), so each
+set's result equals running that set alone with the same key.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scapre_jax import sharding
+from scapre_jax.config import EditConfig
+from scapre_jax.edit import (
+    NonFiniteWeightsError, _check_config, _check_kernel, _edit_kernel_stack,
+    compute_dtype, concept_statistics, matrix_key)
+from scapre_jax.inputs import ConceptInputs
+
+
+def _pad_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return np.pad(x, widths)
+
+
+def stack_sets(sets: Sequence[ConceptInputs], *, num_sets: int | None = None
+               ) -> ConceptInputs:
+  """Pads every set to the largest m, L, k, L_p and stacks them: (K, ...).
+
+  `num_sets` > len(sets) appends copies of the first set (whose results the
+  caller drops), so the sets axis can divide a device count.
+  """
+  if not sets:
+    raise ValueError("no concept sets to stack")
+  d_in = {s.d_in for s in sets}
+  if len(d_in) != 1:
+    raise ValueError(f"all sets must be encoded with one text encoder; widths {sorted(d_in)}")
+  sets = list(sets) + [sets[0]] * ((num_sets or len(sets)) - len(sets))
+  m = max(s.num_concepts for s in sets)
+  length = max(s.old_seqs.shape[1] for s in sets)
+  k = max(s.preserve_seqs.shape[0] for s in sets)
+  p_len = max(s.preserve_seqs.shape[1] for s in sets)
+  sizes = {  # field -> target size per axis
+      "concept_vecs": (m, None), "empty_vec": (None,),
+      "old_seqs": (m, length, None), "new_seqs": (m, length, None),
+      "seq_mask": (m, length), "concept_mask": (m,),
+      "preserve_seqs": (k, p_len, None), "preserve_mask": (k, p_len),
+  }
+  stacked = {}
+  for field, target in sizes.items():
+    arrays = []
+    for s in sets:
+      x = np.asarray(getattr(s, field))
+      for axis, size in enumerate(target):
+        if size is not None:
+          x = _pad_axis(x, axis, size)
+      arrays.append(x)
+    stacked[field] = jnp.asarray(np.stack(arrays))
+  return ConceptInputs(**stacked)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _set_statistics(inputs, config, dtype):
+  return jax.vmap(lambda x: concept_statistics(x, config, dtype))(inputs)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
+def _edit_set_stack(kernels, keys, inputs, stats, config, matrix_batch=None):
+  return jax.vmap(
+      lambda k, x, s: _edit_kernel_stack(kernels, k, x, s, config, matrix_batch)
+  )(keys, inputs, stats)
+
+
+def edit_sets(kernels: Mapping[str, jax.Array], sets: Sequence[ConceptInputs],
+              config: EditConfig, *, key: jax.Array, mesh: jax.sharding.Mesh | None = None,
+              matrix_batch: int | None = None) -> list[dict[str, jax.Array]]:
+  """Edits the same kernels for every concept set; one dict per set.
+
+  Every set uses `key` (as if it ran alone with that key), so results do not
+  depend on which sets share a batch. With a `mesh` (see `sharding.sets_mesh`)
+  the sets axis is sharded over its devices and the kernels replicated; the
+  number of sets is padded up to a multiple of the device count.
+  """
+  _check_config(config)
+  if not kernels:
+    raise ValueError("no kernels to edit")
+  for s in sets:
+    s.validate()
+  kernels = {name: jnp.asarray(k) for name, k in kernels.items()}
+  for name, kernel in kernels.items():
+    _check_kernel(name, kernel, sets[0].d_in if sets else 0)
+  count = len(sets)
+  devices = 1 if mesh is None else mesh.devices.size
+  batched = stack_sets(sets, num_sets=-(-count // devices) * devices)
+  num = batched.concept_vecs.shape[0]
+  if mesh is not None:
+    batched = sharding.shard_sets(batched, mesh)
+
+  groups: dict[tuple, list[str]] = {}
+  for name, kernel in kernels.items():
+    groups.setdefault((kernel.shape, kernel.dtype), []).append(name)
+  stats_by_dtype = {}
+  results: dict[str, jax.Array] = {}
+  for (_, dtype), names in groups.items():
+    ct = compute_dtype(dtype)
+    if ct not in stats_by_dtype:
+      stats_by_dtype[ct] = _set_statistics(batched, config, ct)
+    stack = jnp.stack([kernels[n] for n in names])
+    keys = jnp.stack([matrix_key(key, n) for n in names])
+    keys = jnp.broadcast_to(keys, (num,) + keys.shape)
+    if mesh is not None:
+      stack = sharding.replicate(stack, mesh)
+      keys = sharding.shard_sets(keys, mesh)
+    edited = _edit_set_stack(stack, keys, batched, stats_by_dtype[ct], config, matrix_batch)
+    for i, name in enumerate(names):
+      results[name] = edited[:, i]
+  out = [{name: results[name][s] for name in kernels} for s in range(count)]
+  bad = sorted({n for n in kernels if not bool(jnp.all(jnp.isfinite(results[n][:count])))})
+  if bad:
+    raise NonFiniteWeightsError(
+        f"the edit produced non-finite weights for {len(bad)} matrices: {bad[:5]}")
+  return out
