@@ -1,0 +1,365 @@
+"""Loads a Stable Diffusion folder into Flax modules and params.
+
+The one module that imports diffusers' and transformers' Flax classes. It
+reads PyTorch safetensors (converted by `convert/`, without torch) or Flax
+msgpack files, checks every tensor against the model config, and selects the
+cross-attention matrices that ScaPre edits by their flattened param path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import diffusers  # configures the library loggers filtered below
+import flax.serialization
+import huggingface_hub
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+import transformers  # configures the library loggers filtered below
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+import convert
+
+
+class _DropDeprecation(logging.Filter):
+  """Drops the 'Flax classes are deprecated' lines, logged on every trace."""
+
+  def filter(self, record):
+    return "classes are deprecated" not in record.getMessage()
+
+
+# Both libraries log through one handler on their root logger; a filter there
+# also catches the lines logged while the Flax modules import.
+for _handler in (*logging.getLogger("diffusers").handlers,
+                 *logging.getLogger("transformers").handlers):
+  if not any(isinstance(f, _DropDeprecation) for f in _handler.filters):
+    _handler.addFilter(_DropDeprecation())
+with warnings.catch_warnings():
+  warnings.filterwarnings("ignore", ".*classes are deprecated", FutureWarning)
+  from diffusers import FlaxAutoencoderKL
+  from diffusers import FlaxUNet2DConditionModel
+  from transformers import CLIPTextConfig
+  from transformers import CLIPTokenizer
+  from transformers import FlaxCLIPTextModel
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_CHUNK = 16 << 20  # hashing chunk: 16 MiB
+
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+  """Where one network lives in a diffusers folder and how to map it."""
+
+  folder: str
+  torch_stem: str  # <stem>.safetensors, <stem>.fp16.safetensors, sharded
+  flax_file: str
+  layout: convert.Layout
+  # PyTorch config settings the Flax classes do not implement, with the only
+  # value they support.
+  torch_only: tuple[tuple[str, Any], ...] = ()
+
+
+PARTS = {
+    "unet": _Part(
+        "unet", "diffusion_pytorch_model",
+        "diffusion_flax_model.msgpack", convert.UNET,
+        torch_only=(
+            ("act_fn", "silu"), ("norm_num_groups", 32), ("norm_eps", 1e-5),
+            ("resnet_time_scale_shift", "default"),
+            ("time_embedding_type", "positional"), ("conv_in_kernel", 3),
+            ("conv_out_kernel", 3), ("class_embed_type", None),
+            ("num_class_embeds", None), ("encoder_hid_dim", None),
+            ("time_cond_proj_dim", None), ("downsample_padding", 1),
+            ("mid_block_scale_factor", 1), ("center_input_sample", False),
+            ("dual_cross_attention", False), ("attention_type", "default"),
+            ("cross_attention_norm", None),
+        )),
+    "vae": _Part(
+        "vae", "diffusion_pytorch_model",
+        "diffusion_flax_model.msgpack", convert.VAE,
+        torch_only=(("use_quant_conv", True), ("use_post_quant_conv", True),
+                    ("mid_block_add_attention", True))),
+    "text_encoder": _Part(
+        "text_encoder", "model", "flax_model.msgpack", convert.CLIP_TEXT),
+}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoadedModel:
+  """A Stable Diffusion UNet and text encoder as Flax modules + params.
+
+  Call the UNet as `unet.apply({"params": unet_params}, sample (B,C,H,W),
+  timesteps (B,), context (B,77,d_in)).sample` and the text encoder as
+  `text_encoder(input_ids, attention_mask, params=text_params)`.
+  """
+
+  unet: Any  # FlaxUNet2DConditionModel
+  unet_params: dict[str, Any]
+  text_encoder: Any  # FlaxCLIPTextModel, built without params
+  text_params: dict[str, Any]
+  tokenizer: Any  # CLIPTokenizer
+  path: pathlib.Path  # the diffusers folder
+  unet_config: dict[str, Any]
+  fingerprint: str  # sha256 of the UNet weight file(s) as read
+  weights_format: str  # "safetensors" or "flax": the UNet file read
+  unet_files: tuple[pathlib.Path, ...]
+  dtype: str
+
+
+# -- building -----------------------------------------------------------------
+
+
+def build(part: str, config: Mapping[str, Any], *, dtype: str = "float32"):
+  """Flax module of `part` ("unet", "vae", "text_encoder") from its
+  diffusers/transformers config dict."""
+  jdtype = _dtype(dtype)
+  if part == "text_encoder":
+    return FlaxCLIPTextModel(CLIPTextConfig.from_dict(dict(config)),
+                             dtype=jdtype, _do_init=False)
+  spec = PARTS[part]
+  for key, supported in spec.torch_only:
+    if key in config and config[key] != supported:
+      raise ValueError(f"{part} config sets {key}={config[key]!r}; the Flax "
+                       f"model only implements {key}={supported!r}")
+  cls = FlaxUNet2DConditionModel if part == "unet" else FlaxAutoencoderKL
+  fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "parent", "name"}
+  kwargs = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in config.items() if k in fields}
+  return cls(**kwargs, dtype=jdtype)
+
+
+def _init_fn(part: str, module):
+  if part == "text_encoder":
+    return functools.partial(module.init_weights, input_shape=(1, 1))
+  return module.init_weights
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract(part: str, config_json: str):
+  module = build(part, json.loads(config_json))
+  return jax.eval_shape(_init_fn(part, module), jax.random.key(0))
+
+
+def abstract_params(part: str, config: Mapping[str, Any]) -> dict[str, Any]:
+  """Param tree of `part` as ShapeDtypeStructs (`jax.eval_shape` of init)."""
+  return _abstract(part, json.dumps(config, sort_keys=True))
+
+
+# -- loading ------------------------------------------------------------------
+
+
+def load_model(path_or_id: str | os.PathLike, *, dtype: str = "float32") -> LoadedModel:
+  """Loads UNet, text encoder and tokenizer from a local diffusers folder or
+  an already-cached Hugging Face id (never downloads). Params are cast to
+  `dtype` ("float32", "bfloat16", "float16"); the modules compute in it."""
+  jdtype = _dtype(dtype)
+  root = resolve(path_or_id)
+  unet_config = _read_config(root, PARTS["unet"])
+  text_config = _read_config(root, PARTS["text_encoder"])
+  unet_params, unet_format, unet_files = _read_params(root, "unet", unet_config)
+  text_params, _, _ = _read_params(root, "text_encoder", text_config)
+  return LoadedModel(
+      unet=build("unet", unet_config, dtype=dtype),
+      unet_params=_cast(unet_params, jdtype),
+      text_encoder=build("text_encoder", text_config, dtype=dtype),
+      text_params=_cast(text_params, jdtype),
+      tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
+      path=root,
+      unet_config=unet_config,
+      fingerprint=fingerprint(unet_files),
+      weights_format=unet_format,
+      unet_files=unet_files,
+      dtype=dtype,
+  )
+
+
+def resolve(path_or_id: str | os.PathLike) -> pathlib.Path:
+  """Local diffusers folder of `path_or_id`: the folder itself, or the
+  snapshot of a Hugging Face id in the local cache (offline only)."""
+  path = pathlib.Path(path_or_id).expanduser()
+  if not path.exists():
+    text = str(path_or_id)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+      path = _cached_snapshot(text)
+    else:
+      raise FileNotFoundError(f"model folder {text} does not exist")
+  if not path.is_dir():
+    raise ValueError(f"{path} is a file, not a diffusers model folder")
+  missing = [n for n in ("model_index.json", "unet", "text_encoder", "tokenizer")
+             if not (path / n).exists()]
+  if missing:
+    raise ValueError(f"{path} is not a diffusers Stable Diffusion folder: "
+                     f"missing {', '.join(missing)}")
+  return path
+
+
+def _cached_snapshot(repo_id: str) -> pathlib.Path:
+  # huggingface_hub reads these variables once at import; read them per call.
+  cache = (os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+           or (os.path.join(os.environ["HF_HOME"], "hub") if "HF_HOME" in os.environ
+               else None))
+  try:
+    # local_files_only: resolution never touches the network, whatever
+    # HF_HUB_OFFLINE says.
+    return pathlib.Path(huggingface_hub.snapshot_download(
+        repo_id, cache_dir=cache, local_files_only=True))
+  except (LocalEntryNotFoundError, FileNotFoundError) as err:
+    where = cache or huggingface_hub.constants.HF_HUB_CACHE
+    raise FileNotFoundError(
+        f"{repo_id!r} is neither a local folder nor in the Hugging Face cache "
+        f"{where} (downloads are off; fetch it first): {err}") from None
+
+
+def _read_config(root: pathlib.Path, spec: _Part) -> dict[str, Any]:
+  path = root / spec.folder / "config.json"
+  if not path.is_file():
+    raise ValueError(f"{root} is not a diffusers model folder: no {spec.folder}/config.json")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as err:
+    raise ValueError(f"cannot parse {path}: {err}") from None
+
+
+def _weight_files(folder: pathlib.Path, spec: _Part) -> tuple[str, list[pathlib.Path]]:
+  """Which files hold the weights, in order of preference: full-precision
+  safetensors (single or sharded), Flax msgpack, fp16 safetensors."""
+  stem = spec.torch_stem
+  candidates = [  # (single file, shard index as diffusers names it, format)
+      (f"{stem}.safetensors", f"{stem}.safetensors.index.json", "safetensors"),
+      (spec.flax_file, None, "flax"),
+      (f"{stem}.fp16.safetensors", f"{stem}.safetensors.index.fp16.json", "safetensors"),
+  ]
+  for name, index, fmt in candidates:
+    if (folder / name).is_file():
+      return fmt, [folder / name]
+    if index and (folder / index).is_file():
+      try:
+        shards = json.loads((folder / index).read_text())["weight_map"].values()
+      except (json.JSONDecodeError, KeyError, AttributeError) as err:
+        raise ValueError(f"cannot read shard index {folder / index}: {err!r}") from None
+      return fmt, [folder / f for f in sorted(set(shards))]
+  if list(folder.glob("*.bin")):
+    raise ValueError(f"{folder} holds only pickled PyTorch weights (.bin); "
+                     "save them as safetensors first")
+  raise FileNotFoundError(f"no weights in {folder}: expected one of "
+                          f"{[n for n, _, _ in candidates]}")
+
+
+def _read_params(root, part, config):
+  spec = PARTS[part]
+  fmt, files = _weight_files(root / spec.folder, spec)
+  expected = abstract_params(part, config)
+  if fmt == "flax":
+    tree = _read_msgpack(files[0])
+    if set(tree) == {"params"}:
+      tree = tree["params"]
+    return convert.check(tree, expected, part), fmt, tuple(files)
+  state = {}
+  for file in files:
+    state.update(_read_safetensors(file))
+  return spec.layout.to_flax(state, expected), fmt, tuple(files)
+
+
+def _read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
+  try:
+    return safetensors.numpy.load_file(file)
+  except (safetensors.SafetensorError, OSError) as err:
+    raise ValueError(f"cannot read {file} (corrupt or truncated safetensors?): {err}") from None
+
+
+def _read_msgpack(file: pathlib.Path) -> dict[str, Any]:
+  try:
+    return flax.serialization.msgpack_restore(file.read_bytes())
+  except Exception as err:  # msgpack raises several unrelated types
+    raise ValueError(f"cannot read {file} (corrupt or truncated msgpack?): {err}") from None
+
+
+def fingerprint(files) -> str:
+  """sha256 over the bytes of `files`, in order (16 MiB reads)."""
+  digest = hashlib.sha256()
+  buffer = bytearray(_CHUNK)
+  view = memoryview(buffer)
+  for file in files:
+    with open(file, "rb") as f:
+      while n := f.readinto(buffer):
+        digest.update(view[:n])
+  return digest.hexdigest()
+
+
+def _dtype(name: str):
+  if name not in DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; expected one of {tuple(DTYPES)}")
+  return DTYPES[name]
+
+
+def _cast(params, dtype):
+  return jax.tree.map(
+      lambda a: jnp.asarray(a, dtype if jnp.issubdtype(a.dtype, jnp.floating) else None),
+      params)
+
+
+# -- selecting by path --------------------------------------------------------
+
+
+def select(params: Mapping[str, Any], pattern: str) -> dict[str, Any]:
+  """Leaves whose '/'-joined path `re.fullmatch`es `pattern`, in tree order.
+  Raises ValueError listing the paths that exist when nothing matches."""
+  flat = convert.flatten(params)
+  found = {p: a for p, a in flat.items() if re.fullmatch(pattern, p)}
+  if not found:
+    raise ValueError(f"no parameter path matches {pattern!r}; the {len(flat)} "
+                     f"paths include: {', '.join(list(flat)[:40])}")
+  return found
+
+
+def cross_attention_kernels(
+    unet_params: Mapping[str, Any], *, targets: tuple[str, ...] = ("to_k", "to_v"),
+) -> dict[str, jax.Array | jax.ShapeDtypeStruct]:
+  """Every cross-attention (`attn2`) projection kernel named in `targets`,
+  keyed by Flax path, each (d_in, d_out) = W.T of the PyTorch (d_out, d_in).
+
+  Also takes an abstract tree (`abstract_params`) to inspect a config.
+  """
+  names = "|".join(re.escape(t) for t in targets)
+  return select(unet_params, rf"(.+/)?attn2/({names})/kernel")
+
+
+def replace_kernels(unet_params: Mapping[str, Any],
+                    kernels: Mapping[str, Any]) -> dict[str, Any]:
+  """New param tree with `kernels` (path -> array) swapped in, each cast to
+  the dtype it replaces. Unknown paths or changed shapes raise ValueError."""
+  flat = convert.flatten(unet_params)
+  unknown = [p for p in kernels if p not in flat]
+  if unknown:
+    raise ValueError(f"unknown parameter paths: {', '.join(unknown)}")
+  bad = [f"{p}: expected {tuple(flat[p].shape)}, found {tuple(np.shape(k))}"
+         for p, k in kernels.items() if tuple(np.shape(k)) != tuple(flat[p].shape)]
+  if bad:
+    raise ValueError("replacement kernels have the wrong shape: " + "; ".join(bad))
+  for path, kernel in kernels.items():
+    flat[path] = jnp.asarray(kernel, flat[path].dtype)
+  return convert.unflatten(flat)
+
+
+def torch_name(flax_path: str) -> str:
+  """UNet Flax path -> diffusers PyTorch name
+  (`.../attn2/to_k/kernel` -> `....attn2.to_k.weight`)."""
+  return convert.UNET.torch_name(flax_path)
+
+
+def flax_path(torch_name: str) -> str:
+  """Diffusers PyTorch UNet name -> Flax path; inverse of `torch_name`."""
+  return convert.UNET.flax_path(torch_name)

@@ -1,0 +1,295 @@
+"""A deterministic random-weight Stable Diffusion, small enough for tests.
+
+`write_tiny_model` writes exactly the diffusers PyTorch folder layout (what
+`StableDiffusionPipeline.save_pretrained` produces), so both our loader and
+diffusers/transformers' PyTorch classes read it. Weights are drawn in the
+Flax models' own param shapes, mapped to PyTorch names by `convert/` and
+saved with `safetensors.numpy`: no torch needed. The tokenizer is a real
+CLIPTokenizer over a small byte-level BPE vocabulary learned from the
+packaged concept lists.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+
+import convert
+from scapre_jax import models
+
+_DATA = pathlib.Path(__file__).parent / "data"
+# Written into the configs as-is, so the files do not depend on what is
+# installed.
+_DIFFUSERS_VERSION = "0.39.0"
+_TRANSFORMERS_VERSION = "4.57.6"
+_NUM_MERGES = 300
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+# Prompt words that the edit templates use, next to the concept names.
+_EXTRA_WORDS = "a photo of the an image painting picture in style by art"
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyVariant:
+  """Configs of one tiny model; `vocab_size` and token ids are filled in."""
+
+  unet: dict[str, Any]
+  vae: dict[str, Any]
+  text_encoder: dict[str, Any]
+  scheduler: dict[str, Any]
+  pad_token: str
+
+
+_UNET_SD1 = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": _DIFFUSERS_VERSION,
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [32, 64],
+    "center_input_sample": False,
+    "cross_attention_dim": 32,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 1,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 8,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+}
+_VAE = {
+    "_class_name": "AutoencoderKL",
+    "_diffusers_version": _DIFFUSERS_VERSION,
+    "act_fn": "silu",
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 16,
+    "scaling_factor": 0.18215,
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+}
+_TEXT_SD1 = {
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 32,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 37,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "projection_dim": 32,
+    "torch_dtype": "float32",
+    "transformers_version": _TRANSFORMERS_VERSION,
+}
+_SCHEDULER = {
+    "_diffusers_version": _DIFFUSERS_VERSION,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+TINY_CONFIGS: dict[str, TinyVariant] = {
+    # SD 1.x: 768-wide context -> 32 here, one head count for all blocks,
+    # conv proj_in/proj_out, pad token <|endoftext|>.
+    "sd1": TinyVariant(
+        unet=_UNET_SD1,
+        vae=_VAE,
+        text_encoder=_TEXT_SD1,
+        scheduler={"_class_name": "PNDMScheduler", **_SCHEDULER,
+                   "skip_prk_steps": True},
+        pad_token=_EOS,
+    ),
+    # SD 2.x: wider context (1024 -> 64 here), per-block head counts of
+    # head width 8 (SD 2: 64), linear proj_in/proj_out, gelu text encoder,
+    # pad token "!".
+    "sd2": TinyVariant(
+        unet={**_UNET_SD1, "attention_head_dim": [4, 8], "cross_attention_dim": 64,
+              "use_linear_projection": True, "upcast_attention": False},
+        vae=_VAE,
+        text_encoder={**_TEXT_SD1, "hidden_act": "gelu", "hidden_size": 64,
+                      "intermediate_size": 128, "projection_dim": 64},
+        scheduler={"_class_name": "DDIMScheduler", **_SCHEDULER,
+                   "prediction_type": "epsilon"},
+        pad_token="!",
+    ),
+}
+
+
+def write_tiny_model(directory: str | os.PathLike, *, seed: int = 0,
+                     variant: str = "sd1") -> pathlib.Path:
+  """Writes a tiny diffusers Stable Diffusion folder at `directory`.
+
+  Same seed and variant -> byte-identical files. Refuses a non-empty
+  existing directory; builds in a temporary sibling and renames it into
+  place, so a crash never leaves a half-written model.
+  """
+  if variant not in TINY_CONFIGS:
+    raise ValueError(f"unknown variant {variant!r}; expected one of {tuple(TINY_CONFIGS)}")
+  spec = TINY_CONFIGS[variant]
+  target = pathlib.Path(directory)
+  if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    raise ValueError(f"{target} exists and is not an empty directory")
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+  try:
+    _write(tmp, spec, seed)
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    os.replace(tmp, target)  # replaces an empty directory too
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return target
+
+
+def _write(root: pathlib.Path, spec: TinyVariant, seed: int) -> None:
+  vocab, merges = _bpe_vocab()
+  text_config = {**spec.text_encoder, "vocab_size": len(vocab),
+                 "bos_token_id": vocab[_BOS], "eos_token_id": vocab[_EOS],
+                 "pad_token_id": vocab[spec.pad_token]}
+  _json(root / "model_index.json", {
+      "_class_name": "StableDiffusionPipeline",
+      "_diffusers_version": _DIFFUSERS_VERSION,
+      "feature_extractor": [None, None],
+      "requires_safety_checker": False,
+      "safety_checker": [None, None],
+      "scheduler": ["diffusers", spec.scheduler["_class_name"]],
+      "text_encoder": ["transformers", "CLIPTextModel"],
+      "tokenizer": ["transformers", "CLIPTokenizer"],
+      "unet": ["diffusers", "UNet2DConditionModel"],
+      "vae": ["diffusers", "AutoencoderKL"],
+  })
+  for part, config, weights in (
+      ("unet", spec.unet, "diffusion_pytorch_model.safetensors"),
+      ("vae", spec.vae, "diffusion_pytorch_model.safetensors"),
+      ("text_encoder", text_config, "model.safetensors")):
+    _json(root / part / "config.json", config)
+    safetensors.numpy.save_file(_torch_weights(part, config, seed),
+                                root / part / weights, metadata={"format": "pt"})
+  _json(root / "scheduler" / "scheduler_config.json", spec.scheduler)
+  tokenizer = root / "tokenizer"
+  _json(tokenizer / "vocab.json", vocab)
+  (tokenizer / "merges.txt").write_text(
+      "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+  special = {"bos_token": _BOS, "eos_token": _EOS, "pad_token": spec.pad_token,
+             "unk_token": _EOS}
+  _json(tokenizer / "special_tokens_map.json", special)
+  _json(tokenizer / "tokenizer_config.json", {
+      **special, "add_prefix_space": False, "clean_up_tokenization_spaces": True,
+      "do_lower_case": True, "errors": "replace", "model_max_length": 77,
+      "tokenizer_class": "CLIPTokenizer"})
+
+
+def _torch_weights(part: str, config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
+  """Random weights in PyTorch layout, drawn in the Flax model's shapes
+  (`jax.eval_shape` of its init) and scaled like Flax's default inits.
+
+  numpy draws them because XLA takes 15-30 s to compile the Flax init's
+  truncated-normal draws on CPU, and numpy's PCG64 stream does not change
+  with the JAX version. Biases and norm scales get noise (Flax would give 0
+  and 1), so a misplaced bias or scale shows up in the parity tests.
+  """
+  shapes = convert.flatten(models.abstract_params(part, config))
+  rng = np.random.default_rng([seed, list(models.PARTS).index(part)])
+  flat = {}
+  for path, spec in shapes.items():
+    leaf, shape = path.rsplit("/", 1)[-1], tuple(spec.shape)
+    if leaf == "kernel":  # (..., d_in, d_out): lecun scale 1/sqrt(fan_in)
+      std, mean = 1.0 / np.sqrt(np.prod(shape[:-1])), 0.0
+    elif leaf == "embedding":
+      std, mean = 0.02, 0.0
+    else:
+      std, mean = 0.1, 1.0 if leaf == "scale" else 0.0
+    flat[path] = (mean + std * rng.standard_normal(shape)).astype(np.float32)
+  params = convert.unflatten(flat)
+  return models.PARTS[part].layout.to_torch(params, models.abstract_params(part, config))
+
+
+def _json(path: pathlib.Path, obj: Any) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                  encoding="utf-8")
+
+
+# -- tokenizer ----------------------------------------------------------------
+
+
+def _byte_table() -> dict[int, str]:
+  """One printable character per byte, in CLIP's (GPT-2's) vocab order: the
+  printable Latin-1 bytes as themselves, then the rest shifted past U+0100."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+               *range(ord("®"), ord("ÿ") + 1)]
+  rest = [b for b in range(256) if b not in printable]
+  return {**{b: chr(b) for b in printable},
+          **{b: chr(256 + i) for i, b in enumerate(rest)}}
+
+
+@functools.cache
+def _bpe_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+  """(vocab, merges) of a CLIP-style BPE learned from the concept lists.
+
+  Vocab order as in CLIP: bytes, bytes + '</w>', one token per merge,
+  then <|startoftext|>, <|endoftext|>. Greedy BPE; ties go to the
+  lexicographically smallest pair, so the result is deterministic.
+  """
+  by_byte = _byte_table()
+  symbols = list(by_byte.values())
+  concepts = json.loads((_DATA / "concept_lists.json").read_text(encoding="utf-8"))
+  text = " ".join([_EXTRA_WORDS] + [c for names in concepts.values() for c in names])
+  words = collections.Counter()
+  for word in re.findall(r"[^\W\d_]+", text.lower()):
+    pieces = [by_byte[b] for b in word.encode("utf-8")]
+    words[tuple(pieces[:-1] + [pieces[-1] + "</w>"])] += 1
+  merges = []
+  for _ in range(_NUM_MERGES):
+    pairs = collections.Counter()
+    for word, count in words.items():
+      for pair in zip(word, word[1:]):
+        pairs[pair] += count
+    if not pairs:
+      break
+    best = min(pairs, key=lambda p: (-pairs[p], p))
+    merges.append(best)
+    words = collections.Counter({_merge(w, best): c for w, c in words.items()})
+  tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+  tokens = list(dict.fromkeys(tokens)) + [_BOS, _EOS]
+  return {t: i for i, t in enumerate(tokens)}, tuple(merges)
+
+
+def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+  out, i = [], 0
+  while i < len(word):
+    if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+      out.append(word[i] + word[i + 1])
+      i += 2
+    else:
+      out.append(word[i])
+      i += 1
+  return tuple(out)
