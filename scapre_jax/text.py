@@ -1,0 +1,308 @@
+"""Concept encoding: prompts -> `ConceptInputs` (ALGORITHM.md "Text side").
+
+Every prompt of a request (erased prompts, guides, preserve prompts and the
+empty prompt) is tokenized once, deduplicated by token ids and run through the
+Flax text encoder in fixed-size batches, so one jit compilation serves the
+whole request. The released code re-encodes each prompt for every layer; the
+encoder is deterministic, so encoding once gives the same sequences.
+
+Token positions, with n(p) the attention-mask sum (BOS + tokens + EOS):
+  c_j = E(o_j)[n(o_j) - 2]   (last concept token)
+  e0  = E("")[1]             (the EOS of the empty prompt)
+  X_j = E(o_j)[f_o : f_o + L_j],  Y_j = E(g_j)[f_n : f_n + L_j]
+  f = n - 2, far = max(f_o, f_n), L_j = 77 - far
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scapre_jax.inputs import ConceptInputs
+
+# The released `--add_prompts` templates, by `--concept_type`.
+TEMPLATES: dict[str, list[str]] = {
+    "art": ["painting by {}", "art by {}", "artwork by {}", "picture by {}",
+            "style of {}"],
+    "object": ["image of {}", "photo of {}", "portrait of {}", "picture of {}",
+               "painting of {}"],
+}
+
+# Guide of an unguided erase: erasing towards the unconditional prompt.
+UNCONDITIONAL = " "
+_SHOWN_CHARS = 80  # how much of a truncated prompt the warning quotes
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedRequest:
+  """An encoded erase request and the strings it was built from.
+
+  Attributes:
+    inputs: the engine's `ConceptInputs`; concept j (row j of every per-concept
+      array) is `prompts[j]` guided towards `guides[j]`.
+    concepts: the concepts as given (whitespace stripped).
+    prompts: the erased prompts o_j, m = len(prompts): each concept, then its
+      template prompts.
+    guides: the guide g_j of each erased prompt (" " = unconditional).
+    preserve: the preserve prompts, in the order of `inputs.preserve_seqs`.
+  """
+
+  inputs: ConceptInputs
+  concepts: list[str]
+  prompts: list[str]
+  guides: list[str]
+  preserve: list[str]
+
+
+def sequence_length(model) -> int:
+  """Padded prompt length: the tokenizer's `model_max_length` (77 for SD)."""
+  length = int(model.tokenizer.model_max_length)
+  positions = getattr(model.text_encoder.config, "max_position_embeddings", length)
+  if not 2 < length <= positions:
+    raise ValueError(
+        f"tokenizer model_max_length {length} does not fit the text encoder "
+        f"({positions} positions)")
+  return length
+
+
+def tokenize(tokenizer, prompts: Sequence[str], *, max_length: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids (n, max_length) int32 and attention-mask sums n(p) (n,) int.
+
+  Pads to `max_length` and truncates longer prompts, with one warning naming
+  every prompt that was cut.
+  """
+  prompts = list(prompts)
+  if not prompts:
+    return np.zeros((0, max_length), np.int32), np.zeros((0,), np.int64)
+  encoded = tokenizer(prompts, padding="max_length", max_length=max_length,
+                      truncation=True, return_tensors="np")
+  ids = np.asarray(encoded["input_ids"], np.int32)
+  lengths = np.asarray(encoded["attention_mask"]).sum(axis=1).astype(np.int64)
+  if ids.shape != (len(prompts), max_length):
+    raise ValueError(f"tokenizer returned ids of shape {ids.shape}, expected "
+                     f"{(len(prompts), max_length)}")
+  # Only a prompt that fills every position can have been cut; re-tokenize
+  # those without truncation (verbose=False: the tokenizer's own warning would
+  # fire once per process and not name the prompt).
+  full = [i for i in np.flatnonzero(lengths == max_length)]
+  if full:
+    untruncated = tokenizer([prompts[i] for i in full], truncation=False,
+                            verbose=False)["input_ids"]
+    cut = {prompts[i]: len(t) for i, t in zip(full, untruncated) if len(t) > max_length}
+    if cut:
+      names = "; ".join(f"{_shorten(p)!r} ({n} tokens)" for p, n in cut.items())
+      warnings.warn(
+          f"{len(cut)} prompt(s) longer than {max_length} tokens were truncated "
+          f"to their first {max_length - 2} tokens: {names}", UserWarning, stacklevel=3)
+  return ids, lengths
+
+
+def _shorten(prompt: str) -> str:
+  return prompt if len(prompt) <= _SHOWN_CHARS else prompt[:_SHOWN_CHARS] + "..."
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run_encoder(text_encoder, params, input_ids):
+  # No attention mask, as in the SD pipelines and the released code: CLIP's
+  # causal mask already keeps padding out of the earlier positions, and the
+  # padding rows themselves are part of X_j, Y_j.
+  return text_encoder(input_ids, params=params)[0].astype(jnp.float32)
+
+
+def encode_ids(model, input_ids: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+  """Last hidden states (n, L, d_in) float32 of token ids (n, L).
+
+  Runs in batches of one fixed size (the last one padded), so the jitted
+  encoder compiles once per request; fewer than `batch_size` rows use the
+  next power of two instead, to not encode mostly padding.
+  """
+  if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  n, length = input_ids.shape
+  width = model.text_encoder.config.hidden_size
+  if n == 0:
+    return np.zeros((0, length, width), np.float32)
+  size = min(int(batch_size), 1 << (n - 1).bit_length())
+  padded = -(-n // size) * size
+  ids = np.concatenate([input_ids, np.repeat(input_ids[:1], padded - n, axis=0)])
+  out = [np.asarray(_run_encoder(model.text_encoder, model.text_params,
+                                 jnp.asarray(ids[i:i + size])))
+         for i in range(0, padded, size)]
+  return np.concatenate(out)[:n]
+
+
+def encode_prompts(model, prompts: Sequence[str], *, batch_size: int = 64,
+                   cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Encodes prompts with `model`'s tokenizer and Flax text encoder.
+
+  Returns (embeddings (n, 77, d_in) float32 = E(p), lengths (n,) int = the
+  attention-mask sums n(p)). Prompts with identical token ids are encoded
+  once. Longer-than-77-token prompts are truncated with one warning.
+  `cache` (a dict owned by the caller, one per model) keeps encodings across
+  calls: a job encodes every prompt of every set in one batched call and the
+  per-set calls then find them all there.
+  """
+  if isinstance(prompts, str):
+    raise ValueError("prompts must be a sequence of strings, got one string")
+  prompts = list(prompts)
+  for i, p in enumerate(prompts):
+    if not isinstance(p, str):
+      raise ValueError(f"prompt {i} is not a string: {p!r}")
+  ids, lengths = tokenize(model.tokenizer, prompts, max_length=sequence_length(model))
+  unique, inverse = np.unique(ids, axis=0, return_inverse=True)
+  if cache is None:
+    embeddings = encode_ids(model, unique, batch_size=batch_size)
+  else:
+    keys = [row.tobytes() for row in unique]
+    missing = [i for i, k in enumerate(keys) if k not in cache]
+    if missing:
+      fresh = encode_ids(model, unique[missing], batch_size=batch_size)
+      cache.update((keys[i], e) for i, e in zip(missing, fresh))
+    embeddings = np.stack([cache[k] for k in keys])
+  return embeddings[inverse.reshape(-1)], lengths
+
+
+def aligned_slices(n_old: int, n_new: int, *, seq_len: int = 77) -> tuple[int, int, int]:
+  """(start_old, start_new, L_j) of the aligned pair: X_j = E(o)[start_old :
+  start_old + L_j], Y_j = E(g)[start_new : start_new + L_j]
+  (ALGORITHM.md "Text side": f = n - 2, far = max(f_o, f_n), L_j = 77 - far)."""
+  f_o, f_n = int(n_old) - 2, int(n_new) - 2
+  if f_o < 0 or f_n < 0:
+    raise ValueError(f"attention-mask sums must be >= 2 (BOS + EOS), got {n_old}, {n_new}")
+  return f_o, f_n, seq_len - max(f_o, f_n)
+
+
+def expand_templates(concepts: Sequence[str], templates) -> list[str]:
+  """Erased prompts: each concept, then `template.format(concept)` for each
+  template ("{}" or "{concept}" placeholders; a key of TEMPLATES picks that
+  list)."""
+  templates = _templates(templates)
+  return [p for c in concepts
+          for p in [c] + [t.format(c, concept=c) for t in templates]]
+
+
+def _templates(templates) -> list[str]:
+  if templates is None:
+    return []
+  if isinstance(templates, str):
+    if templates not in TEMPLATES:
+      raise ValueError(
+          f"templates must be a list of format strings or one of {tuple(TEMPLATES)}, "
+          f"got {templates!r}")
+    return list(TEMPLATES[templates])
+  templates = list(templates)
+  for t in templates:
+    if not isinstance(t, str) or ("{}" not in t and "{concept}" not in t):
+      raise ValueError(f"template {t!r} has no '{{}}' placeholder for the concept")
+    try:
+      t.format("x", concept="x")
+    except (IndexError, KeyError, ValueError) as err:
+      raise ValueError(f"template {t!r} is not a valid format string: {err}") from None
+  return templates
+
+
+def _strings(value, name: str) -> list[str]:
+  if isinstance(value, str):
+    return [value]
+  value = list(value)
+  for i, v in enumerate(value):
+    if not isinstance(v, str):
+      raise ValueError(f"{name}[{i}] is not a string: {v!r}")
+  return value
+
+
+def _guides(guides, concepts: list[str], prompts: list[str]) -> list[str]:
+  """One guide per erased prompt; a blank guide is " " (unconditional)."""
+  if guides is None:
+    guides = [UNCONDITIONAL]
+  guides = _strings(guides, "guides")
+  per_concept = len(prompts) // len(concepts)
+  if len(guides) == 1:
+    guides = guides * len(prompts)
+  elif len(guides) == len(prompts):
+    pass
+  elif len(guides) == len(concepts):
+    # A concept's guide is used as-is for each of its template prompts, like
+    # the released single guide: alignment at the last concept token already
+    # pairs "photo of cat" with "dog".
+    guides = [g for g in guides for _ in range(per_concept)]
+  else:
+    raise ValueError(
+        f"got {len(guides)} guides for {len(concepts)} concepts and {len(prompts)} "
+        f"erased prompts; give one guide, one per concept or one per erased prompt")
+  return [g if g.strip() else UNCONDITIONAL for g in guides]
+
+
+def build_concept_inputs(model, concepts, *, guides=None, preserve=(), templates=None,
+                         batch_size: int = 64, cache: dict | None = None
+                         ) -> EncodedRequest:
+  """Encodes an erase request into `ConceptInputs` (ALGORITHM.md "Text side").
+
+  Args:
+    model: a `LoadedModel` (tokenizer, text_encoder, text_params).
+    concepts: concept strings (a bare string is one concept).
+    guides: None (erase towards " ", the unconditional prompt), one string for
+      every erased prompt, one per concept (used for all its template prompts)
+      or one per erased prompt. A blank guide counts as " ".
+    preserve: prompts whose projections are kept. P_k = E(p_k), all 77 rows
+      valid (as UCE's retain terms; the engine adds gamma W P^T P and
+      gamma P^T P). Unlike UCE, "" is not added implicitly: pass it if wanted.
+    templates: None, a list of format strings like "photo of {}", or a key of
+      TEMPLATES ("art", "object"). Each concept then contributes itself plus
+      one erased prompt per template.
+    batch_size: text-encoder batch size.
+    cache: encodings shared across requests (see `encode_prompts`).
+
+  Returns:
+    EncodedRequest with m = len(prompts) concepts of L = max_j L_j rows each,
+    seq_mask[j, :L_j] True; concept_vecs, empty_vec, old_seqs, new_seqs and
+    preserve_seqs are float32.
+  """
+  concepts = _strings(concepts, "concepts")
+  if not concepts:
+    raise ValueError("empty concept list: give at least one concept to erase")
+  blank = [i for i, c in enumerate(concepts) if not c.strip()]
+  if blank:
+    raise ValueError(f"blank concept at position(s) {blank} of {concepts!r}")
+  concepts = [c.strip() for c in concepts]
+  prompts = expand_templates(concepts, templates)
+  guides = _guides(guides, concepts, prompts)
+  preserve = _strings(preserve, "preserve")
+  m, k = len(prompts), len(preserve)
+
+  embeddings, lengths = encode_prompts(
+      model, prompts + guides + preserve + [""], batch_size=batch_size, cache=cache)
+  seq_len = embeddings.shape[1]
+  old, new, kept = embeddings[:m], embeddings[m:2 * m], embeddings[2 * m:2 * m + k]
+  n_old, n_new = lengths[:m], lengths[m:2 * m]
+  empty = [p for p, n in zip(prompts, n_old) if n < 3]
+  if empty:
+    raise ValueError(f"erased prompt(s) {empty!r} tokenize to no tokens")
+
+  slices = [aligned_slices(a, b, seq_len=seq_len) for a, b in zip(n_old, n_new)]
+  rows = max(length for _, _, length in slices)
+  old_seqs = np.zeros((m, rows, old.shape[2]), np.float32)
+  new_seqs = np.zeros_like(old_seqs)
+  seq_mask = np.zeros((m, rows), bool)
+  for j, (start_old, start_new, length) in enumerate(slices):
+    old_seqs[j, :length] = old[j, start_old:start_old + length]
+    new_seqs[j, :length] = new[j, start_new:start_new + length]
+    seq_mask[j, :length] = True
+  inputs = ConceptInputs.create(
+      concept_vecs=old[np.arange(m), n_old - 2],
+      empty_vec=embeddings[-1, 1],
+      old_seqs=old_seqs,
+      new_seqs=new_seqs,
+      seq_mask=seq_mask,
+      preserve_seqs=kept if k else None,
+      preserve_mask=np.ones(kept.shape[:2], bool) if k else None,
+  )
+  return EncodedRequest(inputs=inputs, concepts=concepts, prompts=prompts,
+                        guides=guides, preserve=preserve)
