@@ -1,0 +1,444 @@
+"""Writing edit results: edit files, edited diffusers folders, orbax checkpoints.
+
+Three outputs:
+  * an edit file: safetensors with only the edited `attn2.to_k/to_v` weights
+    under diffusers PyTorch names, (d_out, d_in) = Flax kernel transposed, and
+    string metadata (concepts, guides, preserve, config, base fingerprint,
+    library version, dtype). It loads into a PyTorch UNet with
+    `unet.load_state_dict(edit, strict=False)`.
+  * a complete diffusers folder: the source copied byte for byte except the
+    UNet weights, rewritten with the edited tensors replaced and every other
+    tensor bit-identical.
+  * an orbax checkpoint of the edited Flax UNet params.
+
+Every writer follows the same rules: non-finite weights are refused before
+anything touches the disk; output goes to a temporary name in the target's
+directory and is renamed into place, so a crash never leaves half a file; the
+source model is never overwritten (an output equal to, inside or containing
+it is refused); an existing output is replaced only with `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+import convert
+from scapre_jax import models
+from scapre_jax.config import EditConfig
+from scapre_jax.edit import NonFiniteWeightsError
+
+# The matrices an edit file may hold: cross-attention key/value projections.
+EDIT_PATH = re.compile(r"(.+/)?attn2/(to_k|to_v)/kernel")
+UNET_SAFETENSORS = "diffusion_pytorch_model.safetensors"
+# Metadata keys an edit file always has; `_JSON_KEYS` lists the entries stored
+# as JSON (safetensors metadata is str -> str), so reading restores them.
+_JSON_KEYS = "scapre_jax.json_keys"
+_WEIGHT_SUFFIXES = (".safetensors", ".msgpack", ".bin", ".ckpt", ".pt", ".pth")
+PathLike = str | os.PathLike
+
+
+class OutputExistsError(FileExistsError, ValueError):
+  """The output path exists and `overwrite=True` was not given."""
+
+
+# -- edit files ---------------------------------------------------------------
+
+
+def edit_metadata(*, concepts, guides, preserve, config: EditConfig,
+                  base_fingerprint: str, **extra) -> dict:
+  """The metadata of an edit file, as `write_edit_file` expects it."""
+  return {"concepts": list(concepts), "guides": list(guides),
+          "preserve": list(preserve), "config": config.to_dict(),
+          "base_fingerprint": str(base_fingerprint), **extra}
+
+
+def write_edit_file(path: PathLike, kernels: Mapping[str, object], *,
+                    metadata: Mapping[str, object], overwrite: bool = False,
+                    model_root: PathLike | None = None) -> pathlib.Path:
+  """Writes edited kernels {flax path: (d_in, d_out)} as a safetensors edit file.
+
+  Tensors are stored as `...attn2.to_k.weight` (d_out, d_in) in their own
+  dtype. `metadata` must hold `base_fingerprint` (checked by `apply_edit`);
+  string values are stored as-is, others (lists, dicts, an EditConfig) as JSON.
+  `scapre_jax_version`, `dtype` and `format` ("pt") are added. With
+  `model_root`, the file may not be written inside that model folder.
+  """
+  from scapre_jax import __version__
+  path = pathlib.Path(path)
+  _check_output(path, overwrite, protected=[model_root] if model_root else [])
+  arrays = _edit_kernels(kernels)
+  _check_finite(arrays)
+  meta = dict(metadata)
+  if "base_fingerprint" not in meta:
+    raise ValueError("metadata needs 'base_fingerprint' (the base model's "
+                     "LoadedModel.fingerprint), so apply_edit can check it")
+  reserved = {"format", "scapre_jax_version", "dtype", _JSON_KEYS} & set(meta)
+  if reserved:
+    raise ValueError(f"metadata keys {sorted(reserved)} are set by write_edit_file")
+  encoded, json_keys = {}, []
+  for key, value in meta.items():
+    if isinstance(value, EditConfig):
+      value = value.to_dict()
+    if isinstance(value, str):
+      encoded[str(key)] = value
+    else:
+      try:
+        encoded[str(key)] = json.dumps(value, sort_keys=True)
+      except TypeError as err:
+        raise ValueError(f"metadata {key!r} is not JSON-serialisable: {err}") from None
+      json_keys.append(str(key))
+  encoded.update({
+      "format": "pt",
+      "scapre_jax_version": __version__,
+      "dtype": ",".join(sorted({str(a.dtype) for a in arrays.values()})),
+      _JSON_KEYS: json.dumps(sorted(json_keys)),
+  })
+  tensors = {models.torch_name(p): np.ascontiguousarray(a.T) for p, a in arrays.items()}
+  _atomic_file(path, overwrite,
+               lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=encoded))
+  return path
+
+
+def read_edit_file(path: PathLike) -> tuple[dict[str, np.ndarray], dict]:
+  """Reads an edit file: ({flax path: kernel (d_in, d_out)}, metadata), with
+  the JSON-stored metadata entries decoded. Corrupt or truncated files,
+  foreign tensor names and non-finite weights raise ValueError naming the file.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"edit file {path} does not exist")
+  try:
+    with safetensors.safe_open(path, framework="np") as f:
+      raw = f.metadata() or {}
+      tensors = {name: f.get_tensor(name) for name in f.keys()}
+  except (safetensors.SafetensorError, OSError, ValueError) as err:
+    raise ValueError(f"cannot read edit file {path} (corrupt or truncated?): {err}") from None
+  if not tensors:
+    raise ValueError(f"edit file {path} holds no tensors")
+  kernels = {}
+  for name, array in tensors.items():
+    flax = models.flax_path(name)
+    if not EDIT_PATH.fullmatch(flax) or array.ndim != 2:
+      raise ValueError(f"edit file {path} holds {name!r} {array.shape}, not a "
+                       "cross-attention to_k/to_v weight (d_out, d_in)")
+    kernels[flax] = np.ascontiguousarray(array.T)
+  try:
+    _check_finite(kernels)
+  except NonFiniteWeightsError as err:
+    raise ValueError(f"edit file {path}: {err}") from None
+  meta = dict(raw)
+  try:
+    for key in json.loads(meta.pop(_JSON_KEYS, "[]")):
+      meta[key] = json.loads(meta[key])
+  except (json.JSONDecodeError, KeyError, TypeError) as err:
+    raise ValueError(f"edit file {path} has corrupt metadata: {err}") from None
+  return kernels, meta
+
+
+# -- diffusers folders ----------------------------------------------------------
+
+
+def write_model_folder(src_root: PathLike, out_root: PathLike,
+                       unet_kernels: Mapping[str, object], *,
+                       overwrite: bool = False) -> pathlib.Path:
+  """Writes an edited copy of the diffusers folder `src_root` at `out_root`.
+
+  Every file is copied byte for byte except the UNet weights: the file(s) the
+  loader reads (`models.load_model`'s choice) are rewritten with the tensors
+  of `unet_kernels` ({flax path: kernel (d_in, d_out)}) replaced, transposed
+  and cast to the dtype they replace; every other tensor is bit-identical.
+  A Flax msgpack UNet is converted to `diffusion_pytorch_model.safetensors`.
+  Other UNet weight files (another variant, pickles) are left out with a
+  warning, so no unedited copy of the UNet survives in the output.
+  """
+  src = models.resolve(src_root)
+  out = pathlib.Path(out_root)
+  _check_output(out, overwrite, protected=[src])
+  arrays = _edit_kernels(unet_kernels)
+  _check_finite(arrays)
+  unet = src / "unet"
+  fmt, files = models._weight_files(unet, models.PARTS["unet"])
+  if fmt == "flax":
+    written, kept = {UNET_SAFETENSORS: _from_msgpack(src, files[0], arrays)}, []
+  else:
+    written, kept = _from_safetensors(files, arrays)
+    kept += _index_for(unet, files)
+  read = {f.name for f in files}
+
+  def is_weight(rel: str) -> bool:
+    return rel.startswith("unet/") and (rel.endswith(_WEIGHT_SUFFIXES)
+                                        or rel.endswith(".index.json"))
+
+  left_out = sorted(
+      rel for rel in (p.relative_to(src).as_posix() for p in unet.rglob("*") if p.is_file())
+      if is_weight(rel) and rel.split("/", 1)[1] not in read | set(kept))
+  if left_out:
+    warnings.warn(f"left out UNet weight files that were not edited: {left_out}",
+                  UserWarning, stacklevel=2)
+
+  def build(tmp: pathlib.Path) -> None:
+    def ignore(folder, names):
+      rel = pathlib.Path(os.path.relpath(folder, src)).as_posix()
+      return [n for n in names if is_weight(f"{rel}/{n}") and n not in kept]
+    shutil.copytree(src, tmp, ignore=ignore, dirs_exist_ok=True)
+    for name, (tensors, meta) in written.items():
+      safetensors.numpy.save_file(tensors, tmp / "unet" / name, metadata=meta)
+
+  _atomic_dir(out, overwrite, build)
+  return out
+
+
+def _index_for(unet: pathlib.Path, files) -> list[str]:
+  """The index file of sharded weights `files` (copied as-is), if any."""
+  for index in sorted(unet.glob("*.index.json")):
+    try:
+      shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+      continue
+    if shards == {f.name for f in files}:
+      return [index.name]
+  return []
+
+
+def _from_safetensors(files, arrays):
+  """({file name: (tensors, metadata)} to rewrite, [file names to copy])."""
+  pending = {models.torch_name(p): a.T for p, a in arrays.items()}
+  written, kept = {}, []
+  for file in files:
+    try:
+      with safetensors.safe_open(file, framework="np") as f:
+        names = list(f.keys())
+        hits = [n for n in names if n in pending]
+        if not hits:
+          kept.append(file.name)
+          continue
+        meta = f.metadata() or {"format": "pt"}
+        tensors = {n: f.get_tensor(n) for n in names}
+    except (safetensors.SafetensorError, OSError) as err:
+      raise ValueError(f"cannot read {file} (corrupt or truncated safetensors?): {err}") from None
+    for name in hits:
+      tensors[name] = _replacement(name, tensors[name], pending.pop(name))
+    written[file.name] = (tensors, meta)
+  if pending:
+    raise ValueError(f"the UNet in {files[0].parent} has no tensors {sorted(pending)}")
+  return written, kept
+
+
+def _from_msgpack(src, file, arrays):
+  config = json.loads((src / "unet" / "config.json").read_text())
+  expected = models.abstract_params("unet", config)
+  tree = models._read_msgpack(file)
+  if set(tree) == {"params"}:
+    tree = tree["params"]
+  flat = convert.flatten(convert.check(tree, expected, "unet"))
+  unknown = sorted(set(arrays) - set(flat))
+  if unknown:
+    raise ValueError(f"the UNet in {file.parent} has no params {unknown}")
+  for path, kernel in arrays.items():
+    flat[path] = _replacement(path, np.asarray(flat[path]), kernel)
+  state = convert.UNET.to_torch(convert.unflatten(flat), expected)
+  return state, {"format": "pt"}
+
+
+def _replacement(name: str, original: np.ndarray, new: np.ndarray) -> np.ndarray:
+  if new.shape != original.shape:
+    raise ValueError(f"{name}: edited shape {new.shape} does not match the "
+                     f"model's {original.shape}")
+  with np.errstate(over="ignore", invalid="ignore"):
+    cast = np.ascontiguousarray(new.astype(original.dtype))
+  # A float16 model can overflow where the float32 edit did not.
+  if not np.isfinite(cast).all():
+    raise NonFiniteWeightsError(
+        f"{name} is not finite once cast to the model's {original.dtype}")
+  return cast
+
+
+def apply_edit(model_root: PathLike, edit_file: PathLike, out_root: PathLike, *,
+               overwrite: bool = False) -> pathlib.Path:
+  """Writes the diffusers folder `model_root` with `edit_file` applied at
+  `out_root`, after checking that the edit was made for this base model
+  (its `base_fingerprint` equals the sha256 of the model's UNet files)."""
+  src = models.resolve(model_root)
+  out = pathlib.Path(out_root)
+  _check_output(out, overwrite, protected=[src, edit_file])
+  kernels, meta = read_edit_file(edit_file)
+  expected = meta.get("base_fingerprint")
+  if not expected:
+    raise ValueError(f"edit file {edit_file} records no base_fingerprint")
+  _, files = models._weight_files(src / "unet", models.PARTS["unet"])
+  actual = models.fingerprint(files)
+  if actual != expected:
+    raise ValueError(
+        f"edit file {edit_file} was made for the base model with UNet fingerprint "
+        f"{expected}, but {src} has fingerprint {actual}; refusing to apply it")
+  return write_model_folder(src, out, kernels, overwrite=overwrite)
+
+
+# -- orbax --------------------------------------------------------------------
+
+
+def write_orbax(path: PathLike, unet_params, *, overwrite: bool = False,
+                model_root: PathLike | None = None) -> pathlib.Path:
+  """Saves Flax params as an orbax checkpoint (StandardCheckpointer) and waits
+  for it to finish; refuses non-finite params."""
+  import orbax.checkpoint as ocp
+  path = pathlib.Path(path).absolute()
+  _check_output(path, overwrite, protected=[model_root] if model_root else [])
+  flat = convert.flatten(unet_params)
+  _check_finite({p: a for p, a in flat.items() if _is_float(a)})
+
+  def build(tmp: pathlib.Path) -> None:
+    with ocp.StandardCheckpointer() as checkpointer:
+      # Orbax makes the folder itself (and refuses an existing one).
+      checkpointer.save(tmp / "params", unet_params)
+      checkpointer.wait_until_finished()
+    for item in (tmp / "params").iterdir():
+      os.replace(item, tmp / item.name)
+    (tmp / "params").rmdir()
+
+  _atomic_dir(path, overwrite, build)
+  return path
+
+
+def read_orbax(path: PathLike):
+  """Restores the params saved by `write_orbax` (jax arrays, saved dtypes)."""
+  import orbax.checkpoint as ocp
+  path = pathlib.Path(path).absolute()
+  if not path.is_dir():
+    raise FileNotFoundError(f"orbax checkpoint {path} does not exist")
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      return checkpointer.restore(path)
+  except Exception as err:  # orbax raises many unrelated types
+    raise ValueError(f"cannot read orbax checkpoint {path}: {err}") from None
+
+
+# -- checks and atomic writes ---------------------------------------------------
+
+
+def _is_float(a) -> bool:
+  # jnp.issubdtype also knows bfloat16, which numpy does not call floating.
+  return jnp.issubdtype(getattr(a, "dtype", np.asarray(a).dtype), jnp.floating)
+
+
+def _edit_kernels(kernels: Mapping[str, object]) -> dict[str, np.ndarray]:
+  """Validated {flax path: numpy kernel (d_in, d_out)}."""
+  if not kernels:
+    raise ValueError("no kernels given")
+  arrays = {}
+  for path, kernel in kernels.items():
+    if not EDIT_PATH.fullmatch(path):
+      raise ValueError(f"{path!r} is not a cross-attention to_k/to_v kernel path "
+                       "(.../attn2/to_k/kernel)")
+    array = np.asarray(jax.device_get(kernel))
+    if array.ndim != 2 or not _is_float(array):
+      raise ValueError(f"{path}: expected a floating (d_in, d_out) kernel, got "
+                       f"{array.dtype} {array.shape}")
+    arrays[path] = array
+  return arrays
+
+
+def _check_finite(arrays: Mapping[str, object]) -> None:
+  bad = [p for p, a in arrays.items()
+         if not np.isfinite(np.asarray(jax.device_get(a))).all()]
+  if bad:
+    raise NonFiniteWeightsError(
+        f"refusing to write non-finite (NaN or inf) weights in {len(bad)} tensors: "
+        f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}")
+
+
+def check_output_path(out, *, overwrite: bool = False, protected=()) -> None:
+  """Refuses an output that is, lies inside or contains a protected path
+  (ValueError), and an existing output without `overwrite` (OutputExistsError).
+  Callers check every output of a job before the work starts."""
+  _check_output(pathlib.Path(out), overwrite, protected)
+
+
+def write_json(path, obj, *, overwrite: bool = False) -> pathlib.Path:
+  """Writes `obj` as indented JSON, atomically (temp file + rename)."""
+  path = pathlib.Path(path)
+  _check_output(path, overwrite, ())
+  data = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+  _atomic_file(path, overwrite, lambda tmp: pathlib.Path(tmp).write_text(data, "utf-8"))
+  return path
+
+
+def _check_output(out: pathlib.Path, overwrite: bool, protected) -> None:
+  """Refuses an output that is, lies inside or contains a protected path, and
+  an existing output without `overwrite`."""
+  target = out.resolve()
+  for source in protected:
+    source = pathlib.Path(source).resolve()
+    if target == source or source in target.parents or target in source.parents:
+      raise ValueError(f"output {out} would overwrite the input {source}: "
+                       "it must not be it, lie inside it or contain it")
+  if os.path.lexists(out) and not overwrite:
+    raise OutputExistsError(f"output {out} exists; pass overwrite=True to replace it")
+
+
+def _atomic_file(path: pathlib.Path, overwrite: bool, write) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  os.close(fd)
+  try:
+    write(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp files are private; outputs are not
+    if not overwrite and os.path.lexists(path):
+      raise OutputExistsError(f"output {path} appeared while writing; not replaced")
+    if path.is_dir():
+      raise ValueError(f"output {path} is a directory, not a file")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def _atomic_dir(path: pathlib.Path, overwrite: bool, build) -> None:
+  """Builds a folder with `build(tmp)` next to `path`, then renames it into
+  place. An existing `path` (overwrite=True) is moved aside first and removed
+  only once the new folder is in place."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+  try:
+    build(tmp)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp folders are private
+    if not os.path.lexists(path):
+      os.replace(tmp, path)
+      return
+    if not overwrite:
+      raise OutputExistsError(f"output {path} appeared while writing; not replaced")
+    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.rmdir(old)
+    os.replace(path, old)
+    try:
+      os.replace(tmp, path)
+    except BaseException:
+      os.replace(old, path)
+      raise
+    if old.is_dir() and not old.is_symlink():
+      shutil.rmtree(old)
+    else:
+      old.unlink()
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
