@@ -57,7 +57,7 @@ def concept_statistics(inputs: ConceptInputs, config: EditConfig, dtype=jnp.floa
 
   Returns a dict of (d_in, d_in) matrices: `xx` = sum_j X_j^T X_j, `cct` =
   C^T C, `preserve` = gamma sum_k P_k^T P_k, and as the method needs them
-  `yx` = sum_j Y_j^T X_j, `projector` (Pi), `ased` (U diag(1 - gate) U^T) and
+  `yx` = sum_j Y_j^T X_j, `projector_basis` (U_r, Pi = U_r U_r^T), `ased` (U diag(1 - gate) U^T) and
   `residual` (C_res C_res^T).
   """
   inputs = _cast(inputs, dtype)
@@ -78,7 +78,8 @@ def concept_statistics(inputs: ConceptInputs, config: EditConfig, dtype=jnp.floa
     gate = spectral.spectral_gate(basis, temperature=config.spectral_temperature,
                                   power=config.spectral_power)
   if config.method == "scapre":
-    stats["projector"] = spectral.concept_projector(basis, rtol=config.projector_rtol)
+    # Pi as a basis U_r: a low-rank solve needs U_r, the full one U_r U_r^T.
+    stats["projector_basis"] = spectral.projector_basis(basis, rtol=config.projector_rtol)
     if config.ased:
       stats["ased"] = spectral.ased_direction(basis, gate)
   if config.method == "scapre-small" and config.spectral_residual:
@@ -151,12 +152,21 @@ def edit_weight(
     alpha = eta * jnp.max(row_weights, axis=0)
   else:
     alpha = jnp.full(weight.shape[:1], eta, dtype)
-  solved = solvers.solve_row_sylvester(gram, stats["projector"], rhs, alpha)
+  solved = solve_scapre_system(gram, stats["projector_basis"], rhs, alpha)
   edited = solvers.bures_prox(weight, solved, mu=mu, lam_prox=lam_prox,
                               iters=config.bures_iters)
   if config.egbr:
     edited = solvers.egbr(weight, edited, spread)
   return edited
+
+
+def solve_scapre_system(gram, basis, rhs, alpha):
+  """w_i (G + alpha_i U U^T) = b_i: Woodbury while rank k <= d_in / 2 (few
+  concepts), else the two-eigendecomposition closed form. Both are exact."""
+  if 2 * basis.shape[1] <= basis.shape[0]:
+    return solvers.solve_row_sylvester_lowrank(gram, basis, rhs, alpha)
+  projector = targets.einsum("ik,jk->ij", basis, basis)
+  return solvers.solve_row_sylvester(gram, projector, rhs, alpha)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))

@@ -99,3 +99,21 @@ def test_egbr_hand_worked():
   a = 1 - np.exp(-1.0)
   np.testing.assert_allclose(out[0], [np.sqrt(np.exp((1 - a) * np.log(9) + a * np.log(16))), 0],
                              rtol=1e-14)
+
+
+@pytest.mark.parametrize("cond", [1e1, 1e5])
+@pytest.mark.parametrize("rank,zero_cols", [(1, 0), (6, 2), (12, 0)])
+def test_lowrank_solve_matches_per_row_solves(cond, rank, zero_cols):
+  rng = np.random.default_rng(rank + zero_cols)
+  d_in, d_out = 24, 9
+  g = spd(rng, d_in, cond)
+  basis, _ = np.linalg.qr(rng.normal(size=(d_in, rank)))
+  basis[:, :zero_cols] = 0  # cut-off directions arrive as zero columns
+  pi = basis @ basis.T
+  b = rng.normal(size=(d_out, d_in))
+  alpha = rng.uniform(0, 3, size=d_out)
+  got = np.asarray(solvers.solve_row_sylvester_lowrank(g, basis, b, alpha))
+  want = np.stack([np.linalg.solve((g + a * pi).T, row) for a, row in zip(alpha, b)])
+  np.testing.assert_allclose(got, want, rtol=0, atol=cond * 1e-13 * np.abs(want).max())
+  full = np.asarray(solvers.solve_row_sylvester(g, pi, b, alpha))
+  np.testing.assert_allclose(got, full, rtol=0, atol=cond * 1e-13 * np.abs(want).max())

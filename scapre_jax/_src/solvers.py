@@ -42,6 +42,30 @@ def solve_row_sylvester(
   return einsum("ok,ik->oi", z, m)
 
 
+def solve_row_sylvester_lowrank(
+    gram: Float[Array, "d_in d_in"],
+    basis: Float[Array, "d_in k"],
+    rhs: Float[Array, "d_out d_in"],
+    alpha: Float[Array, "d_out"],
+) -> Float[Array, "d_out d_in"]:
+  """The solve of `solve_row_sylvester` for Pi = U U^T of low rank k.
+
+  Woodbury: (G + a U U^T)^{-1} = G^{-1} - a G^{-1} U (I + a M)^{-1} U^T G^{-1}
+  with M = U^T G^{-1} U = E diag(k) E^T, so
+  W = Z - [(a * B G^{-1} U E) / (1 + a k^T)] (G^{-1} U E)^T, Z = B G^{-1}.
+  One Cholesky factorisation of G and a (k, k) eigendecomposition replace two
+  (d_in, d_in) eigendecompositions. Zero columns of U are allowed.
+  """
+  factor = jax.scipy.linalg.cho_factor(symmetrize(gram))
+  z = jax.scipy.linalg.cho_solve(factor, rhs.T).T
+  g_basis = jax.scipy.linalg.cho_solve(factor, basis)
+  kappa, e = jnp.linalg.eigh(symmetrize(einsum("ik,il->kl", basis, g_basis)))
+  f = einsum("ik,kl->il", g_basis, e)
+  y = einsum("oi,ik,kl->ol", z, basis, e)
+  scale = alpha[:, None] / (1 + alpha[:, None] * kappa[None, :])
+  return z - einsum("ol,il->oi", y * scale, f)
+
+
 def solve_spd_right(
     lhs: Float[Array, "d_out d_in"], gram: Float[Array, "d_in d_in"]
 ) -> Float[Array, "d_out d_in"]:

@@ -59,18 +59,26 @@ def ased_direction(basis: ConceptBasis, gate: Float[Array, "k"]
   return einsum("ik,k,jk->ij", basis.u, scale, basis.u)
 
 
-def concept_projector(basis: ConceptBasis, *, rtol: float | None = None
-                      ) -> Float[Array, "d_in d_in"]:
-  """Pi onto span(C^T), from singular vectors above a relative cut-off.
+def projector_basis(basis: ConceptBasis, *, rtol: float | None = None
+                    ) -> Float[Array, "d_in k"]:
+  """Orthonormal basis of span(C^T) as the columns of U above a relative
+  singular-value cut-off; the other columns are zero. Pi = U_r U_r^T.
 
-  Equals the released C^T (C C^T + 1e-8 I)^{-1} C where C C^T is well
+  Pi equals the released C^T (C C^T + 1e-8 I)^{-1} C where C C^T is well
   conditioned, and stays a projector when m > d_in or concepts repeat.
   """
   d_in = basis.u.shape[0]
   if rtol is None:
     rtol = d_in * jnp.finfo(basis.s.dtype).eps
   keep = basis.valid & (basis.s > rtol * basis.s[0])
-  return einsum("ik,k,jk->ij", basis.u, keep.astype(basis.u.dtype), basis.u)
+  return jnp.where(keep[None, :], basis.u, 0)
+
+
+def concept_projector(basis: ConceptBasis, *, rtol: float | None = None
+                      ) -> Float[Array, "d_in d_in"]:
+  """Pi onto span(C^T) (see `projector_basis`)."""
+  u = projector_basis(basis, rtol=rtol)
+  return einsum("ik,jk->ij", u, u)
 
 
 def residual_projector(basis: ConceptBasis, concept_vecs: Float[Array, "m d_in"],
