@@ -63,8 +63,12 @@ def edit_report(before: Mapping[str, Array], after: Mapping[str, Array],
                 inputs: ConceptInputs, config: EditConfig, *,
                 other_seqs: Array | None = None, other_mask: Array | None = None,
                 ) -> dict[str, dict]:
-  """Per matrix: mean target gap, mean preserve shift, mean shift of other
-  (unrelated) sequences, and relative weight change ||W' - W|| / ||W||.
+  """Per matrix: mean target gap, mean shift of the erased concepts' own
+  projections (concept_shift), of preserved ones (preserve_shift) and of
+  other, unrelated sequences (other_shift), and the relative weight change
+  ||W' - W|| / ||W||. An erase took hold where concept_shift is large and
+  other_shift small; with the MI mask on, rows with low weight r_j are
+  pulled towards zero rather than V_j, so target_gap can exceed 1.
 
   Returned values are Python floats (and lists per concept), ready for JSON.
   Padding concepts and sequences are left out of the means.
@@ -80,9 +84,11 @@ def edit_report(before: Mapping[str, Array], after: Mapping[str, Array],
     target = targets.target_values(w0.T, x, jnp.asarray(inputs.new_seqs, ct), mask,
                                    technique=config.technique)
     gaps = np.asarray(target_gap(w0, w1, target, x, mask))[valid]
+    moved = np.asarray(projection_shift(w0, w1, x, mask))[valid]
     entry = {
         "target_gap": float(gaps.mean()),
         "target_gap_per_concept": [float(g) for g in gaps],
+        "concept_shift": float(moved.mean()),
         "weight_change": float(jnp.linalg.norm(w1 - w0) / jnp.linalg.norm(w0)),
     }
     if has_preserve:

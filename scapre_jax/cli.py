@@ -1,0 +1,245 @@
+"""`scapre-jax` command line: parses arguments and calls the library.
+
+  scapre-jax tiny DIR                      write the built-in tiny model
+  scapre-jax erase --concepts "a, b" --out OUT [--model M] [--full] ...
+  scapre-jax erase --sets sets.jsonl --out OUT [--model M] ...
+  scapre-jax apply --model M --edit FILE --out DIR
+  scapre-jax inspect FILE
+  scapre-jax generate --model M [--edit FILE] --prompts "..." --out grid.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+
+from scapre_jax.config import EditConfig, PRESETS
+
+
+def _field_types() -> dict[str, type]:
+  types = {}
+  for f in dataclasses.fields(EditConfig):
+    default = f.default
+    types[f.name] = type(default) if default is not None else float
+  return types
+
+
+def parse_override(text: str) -> tuple[str, object]:
+  """`name=value` -> (name, typed value) for an EditConfig field."""
+  if "=" not in text:
+    raise ValueError(f"--set takes name=value, got {text!r}")
+  name, raw = (part.strip() for part in text.split("=", 1))
+  types = _field_types()
+  if name not in types:
+    raise ValueError(f"--set: unknown setting {name!r}; settings: {', '.join(sorted(types))}")
+  kind = types[name]
+  if kind is bool:
+    if raw.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+      raise ValueError(f"--set {name}: expected true or false, got {raw!r}")
+    return name, raw.lower() in ("true", "1", "yes", "on")
+  if kind is tuple:
+    return name, tuple(v.strip() for v in raw.split(",") if v.strip())
+  if raw.lower() == "none" and name in ("preserve_scale", "residual_scale", "projector_rtol"):
+    return name, None
+  try:
+    return name, kind(raw)
+  except ValueError:
+    raise ValueError(f"--set {name}: expected a {kind.__name__}, got {raw!r}") from None
+
+
+def _split(value: str | None) -> tuple[str, ...] | None:
+  if value is None:
+    return None
+  return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="scapre-jax",
+      description="Erase concepts from Stable Diffusion with ScaPre, in JAX.")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("tiny", help="write the built-in tiny random-weight model")
+  p.add_argument("dir")
+  p.add_argument("--variant", default="sd1", choices=("sd1", "sd2"))
+  p.add_argument("--seed", type=int, default=0)
+
+  p = sub.add_parser("erase", help="erase concepts; write edit files and reports")
+  p.add_argument("--model", help="diffusers folder or cached Hugging Face id "
+                 "(default: the built-in tiny model)")
+  what = p.add_mutually_exclusive_group(required=True)
+  what.add_argument("--concepts", help='comma-separated concepts, or a built-in list '
+                    '(imagenette-10, imagenet-diverse-50, imagenet-confuse-15, art-50, nsfw)')
+  what.add_argument("--sets", help="JSONL file, one concept set per line")
+  p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--guides", help="comma-separated guide concepts (default: erase "
+                 "towards the unconditional prompt)")
+  p.add_argument("--preserve", help="comma-separated concepts to keep")
+  p.add_argument("--templates", help="prompt templates: 'art', 'object' or "
+                 "';'-separated format strings like 'photo of {}'")
+  p.add_argument("--preset", default="scapre", choices=tuple(PRESETS),
+                 help="settings preset (with --sets: for sets that name none)")
+  p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                 dest="overrides", help="override a setting, e.g. --set erase_scale=3")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+  p.add_argument("--full", action="store_true", help="also write OUT/model/, "
+                 "the complete edited diffusers folder")
+  p.add_argument("--orbax", action="store_true", help="also write OUT/orbax/")
+  p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+  p.add_argument("--sets-per-call", type=int, help="sets solved in one compiled call")
+  p.add_argument("--quiet", action="store_true", help="no progress lines")
+  p.add_argument("--json", action="store_true", help="print the summary as JSON")
+  p.add_argument("--coordinator", help="multi-host: coordinator address host:port "
+                 "(or JAX_COORDINATOR_ADDRESS)")
+  p.add_argument("--num-processes", type=int, help="multi-host: process count")
+  p.add_argument("--process-id", type=int, help="multi-host: this process's index")
+
+  p = sub.add_parser("apply", help="apply an edit file to a model folder")
+  p.add_argument("--model", required=True)
+  p.add_argument("--edit", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--overwrite", action="store_true")
+
+  p = sub.add_parser("inspect", help="show what an edit file holds")
+  p.add_argument("file")
+  p.add_argument("--json", action="store_true")
+
+  p = sub.add_parser("generate", help="before/after images with the Flax pipeline")
+  p.add_argument("--model")
+  p.add_argument("--edit")
+  p.add_argument("--prompts", required=True, help="';'-separated prompts")
+  p.add_argument("--out", required=True, help="PNG grid to write")
+  p.add_argument("--steps", type=int, default=25)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--guidance", type=float, default=7.5)
+  p.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
+  p.add_argument("--overwrite", action="store_true")
+  return parser
+
+
+def _templates(value: str | None):
+  if value is None or value in ("art", "object"):
+    return value
+  return tuple(t.strip() for t in value.split(";") if t.strip())
+
+
+def _erase(args) -> int:
+  from scapre_jax import erase, requests
+  if args.coordinator or args.num_processes or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    import jax
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes,
+                               process_id=args.process_id)
+  overrides = tuple(parse_override(o) for o in args.overrides)
+  if args.sets:
+    for flag in ("guides", "preserve", "templates", "full", "orbax"):
+      if getattr(args, flag):
+        raise ValueError(f"--{flag} applies to --concepts; a sets file gives these per set")
+    sets = tuple(requests.load_sets_file(args.sets, default_preset=args.preset))
+    single = False
+  else:
+    sets = (requests.ConceptSet(
+        name="edit", concepts=requests.parse_concepts(args.concepts),
+        guides=_split(args.guides), preserve=_split(args.preserve) or (),
+        preset=args.preset, templates=_templates(args.templates)),)
+    single = True
+  job = erase.EraseJob(
+      sets=sets, out=pathlib.Path(args.out), model=args.model, single=single,
+      full=args.full, orbax=args.orbax, seed=args.seed, dtype=args.dtype,
+      overrides=overrides, overwrite=args.overwrite, sets_per_call=args.sets_per_call)
+  summary = erase.run(job, progress=None if args.quiet or args.json else erase._stderr)
+  if args.json:
+    print(json.dumps(summary, indent=2))
+  elif not args.quiet:
+    print(format_summary(summary))
+  return 0
+
+
+def format_summary(summary: dict) -> str:
+  """The table printed at the end of an erase."""
+  rows = [("set", "concepts", "time_s", "target_gap", "concept_shift", "preserve_shift",
+           "other_shift")]
+  for s in summary["sets"]:
+    rows.append((s["name"], str(len(s["concepts"])),
+                 f"{s['solve_s'] + s['write_s']:.2f}",
+                 f"{s['target_gap']:.3f}", f"{s['concept_shift']:.3f}",
+                 f"{s['preserve_shift']:.3f}" if "preserve_shift" in s else "-",
+                 f"{s['other_shift']:.4f}" if "other_shift" in s else "-"))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+           for r in rows]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  tail = f"{len(summary['sets'])} set(s) written to {summary['out']}"
+  if summary.get("skipped"):
+    tail += f", {len(summary['skipped'])} skipped (already done)"
+  if "total_s" in summary:
+    tail += f" in {summary['total_s']:.1f} s"
+  lines.append(tail)
+  lines.append("target_gap: distance of the erased prompts' projections to their "
+               "targets (1 = unmoved, 0 = reached); *_shift: relative change of the "
+               "projections of the erased, preserved and unrelated prompts")
+  return "\n".join(lines)
+
+
+def _inspect(args) -> int:
+  from scapre_jax import io
+  kernels, meta = io.read_edit_file(args.file)
+  if args.json:
+    print(json.dumps({"metadata": meta, "tensors": {
+        n: list(k.shape) for n, k in kernels.items()}}, indent=2))
+    return 0
+  config = meta.get("config", {})
+  print(f"edit file     {args.file}")
+  print(f"concepts      {', '.join(meta.get('concepts', []))}")
+  guides = sorted(set(meta.get("guides", [])))
+  print(f"guides        {', '.join(repr(g) for g in guides)}")
+  if meta.get("preserve"):
+    print(f"preserve      {', '.join(meta['preserve'])}")
+  print(f"method        {config.get('method')} (preset {meta.get('preset', '?')}, "
+        f"seed {meta.get('seed', '?')})")
+  print(f"base model    {meta.get('base_fingerprint')}")
+  print(f"library       scapre-jax {meta.get('scapre_jax_version')}, dtype {meta.get('dtype')}")
+  print(f"matrices      {len(kernels)}")
+  layers = meta.get("layers", {})
+  if layers:
+    width = max(len(n) for n in layers)
+    print(f"\n{'layer'.ljust(width)}  weight_change  target_gap  other_shift")
+    for name, entry in layers.items():
+      print(f"{name.ljust(width)}  {entry.get('weight_change', float('nan')):13.4f}"
+            f"  {entry.get('target_gap', float('nan')):10.4f}"
+            f"  {entry.get('other_shift', float('nan')):11.5f}")
+  return 0
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    if args.command == "tiny":
+      from scapre_jax import tiny
+      print(tiny.write_tiny_model(args.dir, seed=args.seed, variant=args.variant))
+      return 0
+    if args.command == "erase":
+      return _erase(args)
+    if args.command == "apply":
+      from scapre_jax import io
+      print(io.apply_edit(args.model, args.edit, args.out, overwrite=args.overwrite))
+      return 0
+    if args.command == "inspect":
+      return _inspect(args)
+    if args.command == "generate":
+      from scapre_jax import generate
+      print(generate.run_cli(args))
+      return 0
+  except (ValueError, FileNotFoundError, FileExistsError) as err:
+    print(f"scapre-jax {args.command}: error: {err}", file=sys.stderr)
+    return 2
+  raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,245 @@
+"""The erase job: model -> encoded prompts -> edited kernels -> files.
+
+`run(job)` is what `scapre-jax erase` calls; the CLI only parses arguments
+into an `EraseJob`. All prompts of all sets are encoded once; sets that share
+a preset are solved together (`edit_sets`), a chunk at a time, sharded over
+the local devices; each set's files are written as soon as its chunk is done,
+so an interrupted run keeps finished sets and a rerun skips them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from scapre_jax import io, metrics, models, sharding, text, tiny
+from scapre_jax.config import EditConfig
+from scapre_jax.requests import ConceptSet
+from scapre_jax.sets import edit_sets
+
+EDIT_FILE = "edit.safetensors"
+REPORT_FILE = "report.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class EraseJob:
+  """Everything one `scapre-jax erase` run does.
+
+  Attributes:
+    sets: the concept sets to erase.
+    out: output folder. With `single`, the one set's files are
+      `out/edit.safetensors` and `out/report.json`; otherwise
+      `out/<set name>.safetensors` and `out/<set name>.json`.
+    model: diffusers folder or cached Hugging Face id; None = built-in tiny.
+    full: also write the complete edited diffusers folder `out/model/`
+      (single set only).
+    orbax: also write an orbax checkpoint of the edited UNet params
+      `out/orbax/` (single set only).
+    seed: PRNG seed of the probes; every set uses it, as if run alone.
+    dtype: weights dtype the model is loaded in.
+    overrides: EditConfig fields applied on top of every set's preset.
+    overwrite: redo sets whose files exist (otherwise they are skipped).
+    sets_per_call: sets solved in one compiled call; None = 8 per device.
+  """
+
+  sets: tuple[ConceptSet, ...]
+  out: pathlib.Path
+  model: str | None = None
+  single: bool = False
+  full: bool = False
+  orbax: bool = False
+  seed: int = 0
+  dtype: str = "float32"
+  overrides: tuple[tuple[str, Any], ...] = ()
+  overwrite: bool = False
+  sets_per_call: int | None = None
+  text_batch_size: int = 64
+
+  def __post_init__(self):
+    if not self.sets:
+      raise ValueError("no concept sets to erase")
+    names = [s.name for s in self.sets]
+    if len(set(names)) != len(names):
+      raise ValueError(f"duplicate set names: {sorted({n for n in names if names.count(n) > 1})}")
+    if (self.full or self.orbax) and not self.single:
+      raise ValueError("--full and --orbax write one model, so they need a single set")
+    if self.single and len(self.sets) != 1:
+      raise ValueError("single-set output needs exactly one set")
+    if self.dtype not in models.DTYPES:
+      raise ValueError(f"dtype must be one of {tuple(models.DTYPES)}, got {self.dtype!r}")
+    for s in self.sets:  # bad overrides fail here, before any work
+      self.config_for(s)
+
+  def config_for(self, concept_set: ConceptSet) -> EditConfig:
+    return EditConfig.preset(concept_set.preset, **dict(self.overrides))
+
+  def files(self, concept_set: ConceptSet) -> tuple[pathlib.Path, pathlib.Path]:
+    """(edit file, report file) of a set."""
+    if self.single:
+      return self.out / EDIT_FILE, self.out / REPORT_FILE
+    return (self.out / f"{concept_set.name}.safetensors",
+            self.out / f"{concept_set.name}.json")
+
+
+def default_model_dir() -> pathlib.Path:
+  """Where the built-in tiny model lives: $SCAPRE_JAX_HOME/tiny-sd1, else
+  $XDG_CACHE_HOME/scapre-jax/tiny-sd1 (~/.cache by default)."""
+  home = os.environ.get("SCAPRE_JAX_HOME")
+  if home:
+    return pathlib.Path(home) / "tiny-sd1"
+  cache = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+  return pathlib.Path(cache) / "scapre-jax" / "tiny-sd1"
+
+
+def ensure_tiny_model() -> pathlib.Path:
+  """The tiny model's folder, written on first use."""
+  path = default_model_dir()
+  if not (path / "model_index.json").exists():
+    try:
+      tiny.write_tiny_model(path)
+    except (ValueError, OSError):
+      if not (path / "model_index.json").exists():  # not a concurrent writer
+        raise
+  return path
+
+
+def unrelated_prompts() -> list[str]:
+  """COCO captions shipped with the package: prompts no erase should move."""
+  path = pathlib.Path(__file__).parent / "data" / "coco_prompts.txt"
+  return [line.strip() for line in path.read_text("utf-8").splitlines() if line.strip()]
+
+
+def _stderr(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def _chunks(items: Sequence, size: int):
+  for i in range(0, len(items), size):
+    yield items[i:i + size]
+
+
+def run(job: EraseJob, *, progress: Callable[[str], None] | None = _stderr) -> dict:
+  """Runs the job; returns a summary {"sets": [...], "skipped": [...], ...}.
+
+  In a multi-process run (`jax.distributed.initialize` done by the caller)
+  process i of n handles sets i, i + n, ... and writes only their files.
+  """
+  say = progress or (lambda _: None)
+  started = time.perf_counter()
+  mine = [s for i, s in enumerate(job.sets) if i % jax.process_count() == jax.process_index()]
+  todo = [s for s in mine if job.overwrite or not all(f.exists() for f in job.files(s))]
+  skipped = [s.name for s in mine if s not in todo]
+  if skipped:
+    say(f"skip: {len(skipped)} set(s) already done (--overwrite redoes them): "
+        + ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+  summary = {"sets": [], "skipped": skipped, "out": str(job.out),
+             "process": [jax.process_index(), jax.process_count()]}
+  if not todo:
+    return summary
+
+  model_path = job.model if job.model is not None else ensure_tiny_model()
+  t0 = time.perf_counter()
+  model = models.load_model(model_path, dtype=job.dtype)
+  say(f"load: {model.path} ({model.weights_format}, {job.dtype}) in "
+      f"{time.perf_counter() - t0:.1f} s")
+  for s in todo:
+    for f in job.files(s):
+      io.check_output_path(f, overwrite=job.overwrite, protected=[model.path])
+  kernels = models.cross_attention_kernels(
+      model.unet_params, targets=job.config_for(todo[0]).targets)
+  if any(job.config_for(s).targets != job.config_for(todo[0]).targets for s in todo):
+    raise ValueError("all sets of one run must edit the same targets (to_k/to_v)")
+
+  t0 = time.perf_counter()
+  other = unrelated_prompts()
+  cache: dict = {}
+  prompts = [p for s in todo for p in _request_prompts(s)] + other
+  text.encode_prompts(model, prompts, batch_size=job.text_batch_size, cache=cache)
+  requests = {s.name: text.build_concept_inputs(
+      model, list(s.concepts), guides=None if s.guides is None else list(s.guides),
+      preserve=list(s.preserve), templates=s.templates,
+      batch_size=job.text_batch_size, cache=cache) for s in todo}
+  other_seqs, _ = text.encode_prompts(model, other, cache=cache)
+  encode_s = time.perf_counter() - t0
+  say(f"encode: {len(set(prompts))} prompts of {len(todo)} set(s) in {encode_s:.1f} s")
+
+  mesh = sharding.sets_mesh() if len(jax.local_devices()) > 1 else None
+  per_call = job.sets_per_call or 8 * len(jax.local_devices())
+  key = jax.random.key(job.seed)
+  by_config: dict[EditConfig, list[ConceptSet]] = {}
+  for s in todo:
+    by_config.setdefault(job.config_for(s), []).append(s)
+  done = 0
+  for config, group in by_config.items():
+    for chunk in _chunks(group, per_call):
+      t0 = time.perf_counter()
+      edited = edit_sets(kernels, [requests[s.name].inputs for s in chunk], config,
+                         key=key, mesh=mesh)
+      jax.block_until_ready(edited)
+      solve_s = time.perf_counter() - t0
+      done += len(chunk)
+      say(f"solve: {len(chunk)} set(s) [{', '.join(s.name for s in chunk)}] "
+          f"({config.method}) in {solve_s:.1f} s ({done}/{len(todo)})")
+      for s, result in zip(chunk, edited):
+        t0 = time.perf_counter()
+        entry = _write_set(job, s, config, model, kernels, result, requests[s.name],
+                           other_seqs)
+        entry["solve_s"] = solve_s / len(chunk)
+        entry["write_s"] = time.perf_counter() - t0
+        summary["sets"].append(entry)
+        say(f"write: {job.files(s)[0]}")
+  summary["encode_s"] = encode_s
+  summary["total_s"] = time.perf_counter() - started
+  return summary
+
+
+def _request_prompts(s: ConceptSet) -> list[str]:
+  prompts = text.expand_templates(list(s.concepts), s.templates)
+  guides = list(s.guides) if s.guides else [text.UNCONDITIONAL]
+  return prompts + guides + list(s.preserve) + [""]
+
+
+def _write_set(job, s, config, model, kernels, edited, request, other_seqs) -> dict:
+  edit_path, report_path = job.files(s)
+  report = metrics.edit_report(kernels, edited, request.inputs, config,
+                               other_seqs=other_seqs)
+  layers = {name: {k: v for k, v in entry.items() if k != "target_gap_per_concept"}
+            for name, entry in report.items()}
+  means = {key: float(np.mean([e[key] for e in layers.values()]))
+           for key in ("target_gap", "concept_shift", "preserve_shift", "other_shift",
+                       "weight_change")
+           if all(key in e for e in layers.values())}
+  metadata = io.edit_metadata(
+      concepts=request.concepts, guides=request.guides, preserve=request.preserve,
+      config=config, base_fingerprint=model.fingerprint, name=s.name,
+      prompts=request.prompts, seed=job.seed, preset=s.preset,
+      layers={models.torch_name(n): v for n, v in layers.items()})
+  io.write_edit_file(edit_path, edited, metadata=metadata, overwrite=job.overwrite,
+                     model_root=model.path)
+  written = {"edit": str(edit_path)}
+  if job.full:
+    written["model"] = str(io.write_model_folder(
+        model.path, job.out / "model", edited, overwrite=job.overwrite))
+  if job.orbax:
+    params = models.replace_kernels(model.unet_params, edited)
+    written["orbax"] = str(io.write_orbax(job.out / "orbax", params, overwrite=job.overwrite,
+                                          model_root=model.path))
+  entry = {
+      "name": s.name, "preset": s.preset, "concepts": list(request.concepts),
+      "prompts": request.prompts, "guides": request.guides,
+      "preserve": request.preserve, "config": config.to_dict(), "seed": job.seed,
+      "model": str(model.path), "base_fingerprint": model.fingerprint,
+      "files": written, **means,
+      "layers": {models.torch_name(n): e for n, e in report.items()},
+  }
+  io.write_json(report_path, entry, overwrite=job.overwrite)
+  return entry

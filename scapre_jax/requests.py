@@ -1,0 +1,138 @@
+"""What users ask to erase: concept sets, from the command line or a JSONL
+sets file, and the built-in concept lists of the paper's released scripts.
+
+Everything here is checked before any model is loaded or any work starts;
+errors name the sets-file line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import re
+from importlib import resources
+
+from scapre_jax.config import PRESETS
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SET_KEYS = {"name", "concepts", "guides", "preserve", "preset", "templates"}
+
+
+@functools.cache
+def builtin_lists() -> dict[str, tuple[str, ...]]:
+  """Named concept lists shipped in the package (imagenette-10, art-50, ...)."""
+  text = resources.files("scapre_jax").joinpath("data/concept_lists.json").read_text("utf-8")
+  return {name: tuple(items) for name, items in json.loads(text).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptSet:
+  """One erase request: concepts (and optional guides, preserve prompts,
+  prompt templates) with the preset that edits them."""
+
+  name: str
+  concepts: tuple[str, ...]
+  guides: tuple[str, ...] | None = None
+  preserve: tuple[str, ...] = ()
+  preset: str = "scapre"
+  templates: str | tuple[str, ...] | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+      raise ValueError(
+          f"set name {self.name!r} must be 1-128 letters, digits, '.', '_' or '-' "
+          "(it names the output files)")
+    if not self.concepts:
+      raise ValueError(f"set {self.name!r}: empty concept list")
+    blank = [i for i, c in enumerate(self.concepts) if not c.strip()]
+    if blank:
+      raise ValueError(f"set {self.name!r}: blank concept at position(s) {blank}")
+    if self.preset not in PRESETS:
+      raise ValueError(
+          f"set {self.name!r}: unknown preset {self.preset!r}; expected one of {tuple(PRESETS)}")
+
+  def to_dict(self) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()}
+
+
+def parse_concepts(value) -> tuple[str, ...]:
+  """Concepts from a comma-separated string, a list, or a built-in list name."""
+  if isinstance(value, str):
+    if value.strip() in builtin_lists():
+      return builtin_lists()[value.strip()]
+    value = value.split(",")
+  if not isinstance(value, (list, tuple)) or not all(isinstance(c, str) for c in value):
+    raise ValueError(f"concepts must be a string or a list of strings, got {value!r}")
+  return tuple(c.strip() for c in value if c.strip())
+
+
+def _optional_strings(value, field):
+  if value is None:
+    return None
+  if isinstance(value, str):
+    return (value,)
+  if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    raise ValueError(f"{field} must be a string or a list of strings, got {value!r}")
+  return tuple(value)
+
+
+def set_from_dict(entry: dict, *, default_preset: str = "scapre") -> ConceptSet:
+  """A ConceptSet from one parsed sets-file object."""
+  if not isinstance(entry, dict):
+    raise ValueError(f"expected a JSON object, got {type(entry).__name__}")
+  unknown = sorted(set(entry) - _SET_KEYS)
+  if unknown:
+    raise ValueError(f"unknown keys {unknown}; expected some of {sorted(_SET_KEYS)}")
+  if "name" not in entry:
+    raise ValueError("missing 'name'")
+  if "concepts" not in entry:
+    raise ValueError("missing 'concepts'")
+  templates = entry.get("templates")
+  if isinstance(templates, list):
+    templates = tuple(templates)
+  return ConceptSet(
+      name=entry["name"],
+      concepts=parse_concepts(entry["concepts"]),
+      guides=_optional_strings(entry.get("guides"), "guides"),
+      preserve=_optional_strings(entry.get("preserve"), "preserve") or (),
+      preset=entry.get("preset", default_preset),
+      templates=templates)
+
+
+def load_sets_file(path, *, default_preset: str = "scapre") -> list[ConceptSet]:
+  """Parses a JSONL sets file: one set per non-blank line (lines starting
+  with '#' are comments); `default_preset` serves sets that name none.
+
+  Raises ValueError "FILE:LINE: problem" for bad JSON, empty concept lists,
+  unknown presets or keys, and duplicate names, before any work starts.
+  """
+  path = pathlib.Path(path)
+  try:
+    lines = path.read_text("utf-8").splitlines()
+  except OSError as err:
+    raise ValueError(f"cannot read sets file {path}: {err.strerror}") from None
+  except UnicodeDecodeError:
+    raise ValueError(f"sets file {path} is not UTF-8 text") from None
+  sets, seen = [], {}
+  for number, line in enumerate(lines, 1):
+    if not line.strip() or line.lstrip().startswith("#"):
+      continue
+    try:
+      entry = json.loads(line)
+    except json.JSONDecodeError as err:
+      raise ValueError(f"{path}:{number}: bad JSON: {err.msg} (column {err.colno})") from None
+    try:
+      concept_set = set_from_dict(entry, default_preset=default_preset)
+    except ValueError as err:
+      raise ValueError(f"{path}:{number}: {err}") from None
+    if concept_set.name in seen:
+      raise ValueError(f"{path}:{number}: duplicate set name {concept_set.name!r} "
+                       f"(first on line {seen[concept_set.name]})")
+    seen[concept_set.name] = number
+    sets.append(concept_set)
+  if not sets:
+    raise ValueError(f"sets file {path} holds no sets")
+  return sets
