@@ -116,12 +116,15 @@ def _run_encoder(text_encoder, params, input_ids):
   return text_encoder(input_ids, params=params)[0].astype(jnp.float32)
 
 
-def encode_ids(model, input_ids: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+def encode_ids(model, input_ids: np.ndarray, *, batch_size: int = 16) -> np.ndarray:
   """Last hidden states (n, L, d_in) float32 of token ids (n, L).
 
-  Runs in batches of one fixed size (the last one padded), so the jitted
-  encoder compiles once per request; fewer than `batch_size` rows use the
-  next power of two instead, to not encode mostly padding.
+  Every call runs batches of exactly `batch_size` rows (the last one
+  padded): the jitted encoder compiles once, and a prompt's embedding is
+  bit-for-bit the same whichever prompts share its batch. That matters: the
+  released MI mask can turn a one-ulp change of an embedding into a visibly
+  different edit (ALGORITHM.md, "A quirk that matters"), and a set must give
+  the same edit alone as inside a sets file.
   """
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -129,7 +132,7 @@ def encode_ids(model, input_ids: np.ndarray, *, batch_size: int = 64) -> np.ndar
   width = model.text_encoder.config.hidden_size
   if n == 0:
     return np.zeros((0, length, width), np.float32)
-  size = min(int(batch_size), 1 << (n - 1).bit_length())
+  size = int(batch_size)
   padded = -(-n // size) * size
   ids = np.concatenate([input_ids, np.repeat(input_ids[:1], padded - n, axis=0)])
   out = [np.asarray(_run_encoder(model.text_encoder, model.text_params,
@@ -138,7 +141,7 @@ def encode_ids(model, input_ids: np.ndarray, *, batch_size: int = 64) -> np.ndar
   return np.concatenate(out)[:n]
 
 
-def encode_prompts(model, prompts: Sequence[str], *, batch_size: int = 64,
+def encode_prompts(model, prompts: Sequence[str], *, batch_size: int = 16,
                    cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Encodes prompts with `model`'s tokenizer and Flax text encoder.
 
@@ -241,7 +244,7 @@ def _guides(guides, concepts: list[str], prompts: list[str]) -> list[str]:
 
 
 def build_concept_inputs(model, concepts, *, guides=None, preserve=(), templates=None,
-                         batch_size: int = 64, cache: dict | None = None
+                         batch_size: int = 16, cache: dict | None = None
                          ) -> EncodedRequest:
   """Encodes an erase request into `ConceptInputs` (ALGORITHM.md "Text side").
 
