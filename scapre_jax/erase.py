@@ -47,7 +47,8 @@ class EraseJob:
     seed: PRNG seed of the probes; every set uses it, as if run alone.
     dtype: weights dtype the model is loaded in.
     overrides: EditConfig fields applied on top of every set's preset.
-    overwrite: redo sets whose files exist (otherwise they are skipped).
+    overwrite: replace existing outputs; without it a sets run skips sets
+      whose files exist and a single erase refuses to write over them.
     sets_per_call: sets solved in one compiled call; None = 8 per device.
   """
 
@@ -62,7 +63,7 @@ class EraseJob:
   overrides: tuple[tuple[str, Any], ...] = ()
   overwrite: bool = False
   sets_per_call: int | None = None
-  text_batch_size: int = 64
+  text_batch_size: int = 16
 
   def __post_init__(self):
     if not self.sets:
@@ -81,6 +82,14 @@ class EraseJob:
 
   def config_for(self, concept_set: ConceptSet) -> EditConfig:
     return EditConfig.preset(concept_set.preset, **dict(self.overrides))
+
+  def replaces(self, concept_set: ConceptSet) -> bool:
+    """Whether this set's existing outputs may be replaced: with --overwrite,
+    or (sets files) when only the edit file exists, the remains of an
+    interrupted run, since the report is always written last."""
+    edit_path, report_path = self.files(concept_set)
+    return self.overwrite or (not self.single and edit_path.exists()
+                              and not report_path.exists())
 
   def files(self, concept_set: ConceptSet) -> tuple[pathlib.Path, pathlib.Path]:
     """(edit file, report file) of a set."""
@@ -136,7 +145,10 @@ def run(job: EraseJob, *, progress: Callable[[str], None] | None = _stderr) -> d
   say = progress or (lambda _: None)
   started = time.perf_counter()
   mine = [s for i, s in enumerate(job.sets) if i % jax.process_count() == jax.process_index()]
-  todo = [s for s in mine if job.overwrite or not all(f.exists() for f in job.files(s))]
+  # Sets runs skip finished sets; a single erase never skips: its existing
+  # outputs are refused below unless --overwrite.
+  todo = [s for s in mine
+          if job.single or job.overwrite or not all(f.exists() for f in job.files(s))]
   skipped = [s.name for s in mine if s not in todo]
   if skipped:
     say(f"skip: {len(skipped)} set(s) already done (--overwrite redoes them): "
@@ -153,7 +165,7 @@ def run(job: EraseJob, *, progress: Callable[[str], None] | None = _stderr) -> d
       f"{time.perf_counter() - t0:.1f} s")
   for s in todo:
     for f in job.files(s):
-      io.check_output_path(f, overwrite=job.overwrite, protected=[model.path])
+      io.check_output_path(f, overwrite=job.replaces(s), protected=[model.path])
   kernels = models.cross_attention_kernels(
       model.unet_params, targets=job.config_for(todo[0]).targets)
   if any(job.config_for(s).targets != job.config_for(todo[0]).targets for s in todo):
@@ -210,6 +222,7 @@ def _request_prompts(s: ConceptSet) -> list[str]:
 
 def _write_set(job, s, config, model, kernels, edited, request, other_seqs) -> dict:
   edit_path, report_path = job.files(s)
+  overwrite = job.replaces(s)
   report = metrics.edit_report(kernels, edited, request.inputs, config,
                                other_seqs=other_seqs)
   layers = {name: {k: v for k, v in entry.items() if k != "target_gap_per_concept"}
@@ -223,7 +236,7 @@ def _write_set(job, s, config, model, kernels, edited, request, other_seqs) -> d
       config=config, base_fingerprint=model.fingerprint, name=s.name,
       prompts=request.prompts, seed=job.seed, preset=s.preset,
       layers={models.torch_name(n): v for n, v in layers.items()})
-  io.write_edit_file(edit_path, edited, metadata=metadata, overwrite=job.overwrite,
+  io.write_edit_file(edit_path, edited, metadata=metadata, overwrite=overwrite,
                      model_root=model.path)
   written = {"edit": str(edit_path)}
   if job.full:
@@ -241,5 +254,5 @@ def _write_set(job, s, config, model, kernels, edited, request, other_seqs) -> d
       "files": written, **means,
       "layers": {models.torch_name(n): e for n, e in report.items()},
   }
-  io.write_json(report_path, entry, overwrite=job.overwrite)
+  io.write_json(report_path, entry, overwrite=overwrite)
   return entry

@@ -1,0 +1,205 @@
+"""The command line on the tiny model: erase, sets files, reruns, inspect,
+multi-process runs, and bad input."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import scapre_jax as sj
+from scapre_jax import cli, erase, io, models, requests, text, tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+  return tiny.write_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def sets_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("sets") / "sets.jsonl"
+  lines = [
+      {"name": "a", "concepts": ["parachute", "golf ball"]},
+      {"name": "b", "concepts": ["church"], "preserve": ["tench"], "guides": ["house"]},
+      {"name": "c", "concepts": ["gas pump", "chain saw", "french horn"]},
+  ]
+  path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+  return path
+
+
+def run(*argv):
+  return cli.main([str(a) for a in argv])
+
+
+def test_erase_writes_edit_equal_to_library_result(tiny_dir, tmp_path, capsys):
+  out = tmp_path / "out"
+  assert run("erase", "--model", tiny_dir, "--concepts", "parachute, golf ball",
+             "--out", out, "--seed", 3) == 0
+  table = capsys.readouterr().out
+  assert "target_gap" in table and "1 set(s) written" in table
+  kernels, meta = io.read_edit_file(out / "edit.safetensors")
+  assert meta["concepts"] == ["parachute", "golf ball"]
+  assert meta["config"] == sj.EditConfig.preset("scapre").to_dict()
+  report = json.loads((out / "report.json").read_text())
+  assert report["base_fingerprint"] == meta["base_fingerprint"]
+  # The same edit through the library API.
+  model = models.load_model(tiny_dir)
+  request = text.build_concept_inputs(model, ["parachute", "golf ball"])
+  original = models.cross_attention_kernels(model.unet_params)
+  want = sj.edit_projections(original, request.inputs, sj.EditConfig.preset("scapre"),
+                             key=jax.random.key(3))
+  assert set(kernels) == set(want)
+  for name in want:
+    np.testing.assert_allclose(kernels[name], want[name], rtol=0,
+                               atol=1e-5 * float(np.abs(want[name]).max()))
+  # Refuses to overwrite without --overwrite; nothing changed.
+  before = (out / "edit.safetensors").read_bytes()
+  assert run("erase", "--model", tiny_dir, "--concepts", "church", "--out", out) == 2
+  assert "exists" in capsys.readouterr().err
+  assert (out / "edit.safetensors").read_bytes() == before
+
+
+def test_sets_file_equals_single_runs_and_reruns_skip(tiny_dir, sets_file, tmp_path, capsys):
+  out = tmp_path / "sets"
+  assert run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", out, "--json") == 0
+  summary = json.loads(capsys.readouterr().out)
+  assert [s["name"] for s in summary["sets"]] == ["a", "b", "c"]
+  for entry in requests.load_sets_file(sets_file):
+    single = tmp_path / f"single-{entry.name}"
+    args = ["erase", "--model", tiny_dir, "--concepts", ", ".join(entry.concepts),
+            "--out", single, "--quiet"]
+    if entry.preserve:
+      args += ["--preserve", ", ".join(entry.preserve)]
+    if entry.guides:
+      args += ["--guides", ", ".join(entry.guides)]
+    assert run(*args) == 0
+    got, meta = io.read_edit_file(out / f"{entry.name}.safetensors")
+    want, _ = io.read_edit_file(single / "edit.safetensors")
+    assert meta["name"] == entry.name
+    for name in want:
+      np.testing.assert_allclose(got[name], want[name], rtol=0,
+                                 atol=1e-5 * float(np.abs(want[name]).max()))
+  # A rerun skips every finished set; --overwrite redoes them.
+  stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+  assert run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", out, "--json") == 0
+  assert json.loads(capsys.readouterr().out)["skipped"] == ["a", "b", "c"]
+  assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+  # The report is written last: a set without it is redone, its stale edit
+  # file replaced.
+  (out / "b.json").unlink()
+  assert run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", out, "--json") == 0
+  summary = json.loads(capsys.readouterr().out)
+  assert [s["name"] for s in summary["sets"]] == ["b"] and summary["skipped"] == ["a", "c"]
+
+
+def test_interrupted_run_leaves_no_partial_files(tiny_dir, sets_file, tmp_path, monkeypatch):
+  out = tmp_path / "out"
+  calls = []
+  real = io.write_edit_file
+
+  def write_then_die(path, *args, **kwargs):
+    calls.append(path)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real(path, *args, **kwargs)
+
+  monkeypatch.setattr(io, "write_edit_file", write_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", out, "--quiet")
+  assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.safetensors"]
+  monkeypatch.setattr(io, "write_edit_file", real)
+  assert run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", out, "--quiet") == 0
+  assert sorted(p.name for p in out.iterdir()) == [
+      "a.json", "a.safetensors", "b.json", "b.safetensors", "c.json", "c.safetensors"]
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"name": "x", "concepts": ["a"]}\n{"name": "y", "concepts": [', "sets.jsonl:2: bad JSON"),
+    ('{"name": "x", "concepts": []}', "sets.jsonl:1: set 'x': empty concept list"),
+    ('{"name": "x", "concepts": ["a"], "preset": "fast"}', "sets.jsonl:1: set 'x': unknown preset"),
+    ('{"name": "x", "concepts": ["a"]}\n\n{"name": "x", "concepts": ["b"]}',
+     "sets.jsonl:3: duplicate set name 'x' \\(first on line 1\\)"),
+    ('{"name": "../x", "concepts": ["a"]}', "sets.jsonl:1: set name"),
+    ('{"name": "x", "concept": ["a"]}', "sets.jsonl:1: unknown keys \\['concept'\\]"),
+])
+def test_bad_sets_file_is_rejected_before_work(tmp_path, line, message, capsys):
+  path = tmp_path / "sets.jsonl"
+  path.write_text(line)
+  with pytest.raises(ValueError, match=message):
+    requests.load_sets_file(path)
+  # Through the CLI: exit 2, nothing written, no model even loaded.
+  assert run("erase", "--model", tmp_path / "no-model", "--sets", path, "--out", tmp_path / "o") == 2
+  assert "sets.jsonl:" in capsys.readouterr().err
+  assert not (tmp_path / "o").exists()
+
+
+def test_builtin_lists_and_settings(tmp_path):
+  assert len(requests.parse_concepts("imagenette-10")) == 10
+  assert requests.parse_concepts(" a, b ,, c") == ("a", "b", "c")
+  assert cli.parse_override("erase_scale=3") == ("erase_scale", 3.0)
+  assert cli.parse_override("mi_mask=false") == ("mi_mask", False)
+  assert cli.parse_override("bures_iters=2") == ("bures_iters", 2)
+  assert cli.parse_override("preserve_scale=none") == ("preserve_scale", None)
+  with pytest.raises(ValueError, match="unknown setting 'eta'"):
+    cli.parse_override("eta=1")
+  with pytest.raises(ValueError, match="expected a int"):
+    cli.parse_override("bures_iters=two")
+  job = erase.EraseJob(sets=(requests.ConceptSet("s", ("a",)),), out=tmp_path,
+                       overrides=(("erase_scale", 3.0),))
+  assert job.config_for(job.sets[0]).erase_scale == 3.0
+  with pytest.raises(ValueError, match="lamb must be > 0"):
+    erase.EraseJob(sets=(requests.ConceptSet("s", ("a",)),), out=tmp_path,
+                   overrides=(("lamb", 0.0),))
+
+
+def test_missing_model_and_output_inside_model(tiny_dir, tmp_path, capsys):
+  assert run("erase", "--model", tmp_path / "nothing", "--concepts", "a", "--out", tmp_path / "o") == 2
+  assert "nothing" in capsys.readouterr().err
+  before = sorted(p.name for p in tiny_dir.rglob("*"))
+  assert run("erase", "--model", tiny_dir, "--concepts", "a", "--out", tiny_dir / "unet") == 2
+  assert "would overwrite the input" in capsys.readouterr().err
+  assert sorted(p.name for p in tiny_dir.rglob("*")) == before
+
+
+def test_inspect(tiny_dir, tmp_path, capsys):
+  out = tmp_path / "o"
+  assert run("erase", "--model", tiny_dir, "--concepts", "tench", "--out", out, "--quiet") == 0
+  assert run("inspect", out / "edit.safetensors") == 0
+  shown = capsys.readouterr().out
+  assert "concepts      tench" in shown and "attn2.to_k.weight" in shown
+  assert run("inspect", out / "edit.safetensors", "--json") == 0
+  assert json.loads(capsys.readouterr().out)["metadata"]["concepts"] == ["tench"]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_split_a_sets_file(tiny_dir, sets_file, tmp_path):
+  one = tmp_path / "one"
+  assert run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", one, "--quiet") == 0
+  two = tmp_path / "two"
+  port = _free_port()
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "scapre_jax.cli", "erase", "--model", str(tiny_dir),
+       "--sets", str(sets_file), "--out", str(two), "--quiet",
+       "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+  assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+  for name in ("a", "b", "c"):
+    got, _ = io.read_edit_file(two / f"{name}.safetensors")
+    want, _ = io.read_edit_file(one / f"{name}.safetensors")
+    for k in want:
+      np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-5 * float(np.abs(want[k]).max()))
