@@ -177,12 +177,7 @@ def write_png(path, image: np.ndarray, *, metadata: dict[str, str] | None = None
 def load_vae(root, *, dtype: str = "float32") -> tuple[Any, dict[str, Any], dict[str, Any]]:
   """(FlaxAutoencoderKL, params cast to `dtype`, config dict) of the `vae/`
   folder of a diffusers model."""
-  # TODO: models.load_vae once models.py has one; these readers are private.
-  root = models.resolve(root)
-  config = models._read_config(root, models.PARTS["vae"])
-  params, _, _ = models._read_params(root, "vae", config)
-  return (models.build("vae", config, dtype=dtype),
-          models._cast(params, models._dtype(dtype)), config)
+  return models.load_part(root, "vae", dtype=dtype)
 
 
 def read_scheduler_config(root) -> dict[str, Any]:
@@ -225,7 +220,7 @@ def _pipeline(unet_json: str, vae_json: str, text_json: str, scheduler_json: str
         tokenizer=None,  # we tokenize; the loop then bakes in no tokenizer
         unet=models.build("unet", json.loads(unet_json), dtype=dtype),
         scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        dtype=models._dtype(dtype))
+        dtype=models.jax_dtype(dtype))
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("steps", "size"))

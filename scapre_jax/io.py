@@ -170,7 +170,7 @@ def write_model_folder(src_root: PathLike, out_root: PathLike,
   arrays = _edit_kernels(unet_kernels)
   _check_finite(arrays)
   unet = src / "unet"
-  fmt, files = models._weight_files(unet, models.PARTS["unet"])
+  fmt, files = models.weight_files(src, "unet")
   if fmt == "flax":
     written, kept = {UNET_SAFETENSORS: _from_msgpack(src, files[0], arrays)}, []
   else:
@@ -240,7 +240,7 @@ def _from_safetensors(files, arrays):
 def _from_msgpack(src, file, arrays):
   config = json.loads((src / "unet" / "config.json").read_text())
   expected = models.abstract_params("unet", config)
-  tree = models._read_msgpack(file)
+  tree = models.read_msgpack(file)
   if set(tree) == {"params"}:
     tree = tree["params"]
   flat = convert.flatten(convert.check(tree, expected, "unet"))
@@ -278,7 +278,7 @@ def apply_edit(model_root: PathLike, edit_file: PathLike, out_root: PathLike, *,
   expected = meta.get("base_fingerprint")
   if not expected:
     raise ValueError(f"edit file {edit_file} records no base_fingerprint")
-  _, files = models._weight_files(src / "unet", models.PARTS["unet"])
+  _, files = models.weight_files(src, "unet")
   actual = models.fingerprint(files)
   if actual != expected:
     raise ValueError(

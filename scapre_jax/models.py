@@ -363,3 +363,32 @@ def torch_name(flax_path: str) -> str:
 def flax_path(torch_name: str) -> str:
   """Diffusers PyTorch UNet name -> Flax path; inverse of `torch_name`."""
   return convert.UNET.flax_path(torch_name)
+
+
+# -- public readers for other modules -------------------------------------------
+
+
+def load_part(path_or_id, part: str, *, dtype: str = "float32"):
+  """(Flax module, params cast to `dtype`, config dict) of one network of a
+  diffusers folder: "unet", "vae" or "text_encoder"."""
+  if part not in PARTS:
+    raise ValueError(f"unknown part {part!r}; expected one of {tuple(PARTS)}")
+  root = resolve(path_or_id)
+  config = _read_config(root, PARTS[part])
+  params, _, _ = _read_params(root, part, config)
+  return build(part, config, dtype=dtype), _cast(params, _dtype(dtype)), config
+
+
+def weight_files(path_or_id, part: str = "unet") -> tuple[str, list[pathlib.Path]]:
+  """(format, files) the loader reads for `part`: what `fingerprint` hashes
+  and what a writer must replace."""
+  spec = PARTS[part]
+  return _weight_files(resolve(path_or_id) / spec.folder, spec)
+
+
+def jax_dtype(name: str):
+  """jnp dtype of a dtype name ("float32", "bfloat16", "float16")."""
+  return _dtype(name)
+
+
+read_msgpack = _read_msgpack
