@@ -11,3 +11,21 @@ os.environ.setdefault(
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+  """The built-in tiny SD (sd1 variant), written once per session. Tests
+  must not write into it."""
+  from scapre_jax import tiny
+  return tiny.write_tiny_model(tmp_path_factory.mktemp("tiny") / "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+  """`models.load_model` of `tiny_dir`."""
+  from scapre_jax import models
+  return models.load_model(tiny_dir)

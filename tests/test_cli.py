@@ -13,12 +13,9 @@ import numpy as np
 import pytest
 
 import scapre_jax as sj
-from scapre_jax import cli, erase, io, models, requests, text, tiny
+from scapre_jax import cli, erase, io, models, requests, text
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-  return tiny.write_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="module")

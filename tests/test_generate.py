@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scapre_jax import cli, generate, io, models, tiny
+from scapre_jax import cli, generate, io, models
 from scapre_jax.config import EditConfig
 
 PROMPTS = ["a cat", "a dog"]
@@ -22,13 +22,8 @@ SIZE = 16  # tiny: unet sample_size 8 * VAE scale factor 2
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-  return tiny.write_tiny_model(tmp_path_factory.mktemp("tiny_generate") / "sd1")
-
-
-@pytest.fixture(scope="module")
-def model(tiny_dir):
-  return models.load_model(tiny_dir)
+def model(tiny_model):
+  return tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import scapre_jax
 from scapre_jax import io
 from scapre_jax import models
 from scapre_jax import text
-from scapre_jax import tiny
+
 from scapre_jax.config import EditConfig
 from scapre_jax.edit import NonFiniteWeightsError
 from scapre_jax.edit import edit_projections
@@ -27,13 +27,8 @@ CONFIG = EditConfig.preset("scapre")
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-  return tiny.write_tiny_model(tmp_path_factory.mktemp("tiny_io") / "sd1")
-
-
-@pytest.fixture(scope="module")
-def model(tiny_dir):
-  return models.load_model(tiny_dir)
+def model(tiny_model):
+  return tiny_model
 
 
 @pytest.fixture(scope="module")
