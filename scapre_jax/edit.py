@@ -180,6 +180,22 @@ def _edit_kernel_stack(kernels, keys, inputs, stats, config, matrix_batch=None):
   return jax.lax.map(lambda args: one(*args), (kernels, keys), batch_size=matrix_batch)
 
 
+def default_matrix_batch(matrix_batch: int | None) -> int | None:
+  """`matrix_batch` as given, or the platform default when None: one matrix
+  at a time on CPU, all at once elsewhere.
+
+  On CPU the per-matrix work is large enough to fill the cores alone, and
+  jaxlib 0.10.2's CPU runtime wedged (every worker idle, the result never
+  ready) on the vmapped 32-matrix SD-1.5 edit in most of our runs on 2-core
+  machines; the sequential `lax.map` form ran through (BENCHMARKS.md).
+  """
+  if matrix_batch is not None:
+    if not isinstance(matrix_batch, int) or matrix_batch < 1:
+      raise ValueError(f"matrix_batch must be a positive int, got {matrix_batch!r}")
+    return matrix_batch
+  return 1 if jax.default_backend() == "cpu" else None
+
+
 def _check_config(config) -> None:
   if not isinstance(config, EditConfig):
     raise ValueError(f"config must be an EditConfig, got {type(config).__name__}")
@@ -213,7 +229,8 @@ def edit_projections(kernels: Mapping[str, Array], inputs: ConceptInputs,
   Matrix `name` draws its probe noise from `matrix_key(key, name)`, so the
   result for one name equals `edit_projection(kernel, key=matrix_key(key, name))`.
   `matrix_batch` bounds how many matrices run at once (memory), without
-  changing results. Raises NonFiniteWeightsError if any result is not finite.
+  changing results; None picks `default_matrix_batch`. Raises
+  NonFiniteWeightsError if any result is not finite.
   """
   _check_config(config)
   if not isinstance(inputs, ConceptInputs):
@@ -237,7 +254,7 @@ def edit_projections(kernels: Mapping[str, Array], inputs: ConceptInputs,
       stats_by_dtype[ct] = concept_statistics(inputs, config, dtype=ct)
     edited = _edit_kernel_stack(
         jnp.stack([kernels[n] for n in names]), jnp.stack([keys[n] for n in names]),
-        inputs, stats_by_dtype[ct], config, matrix_batch)
+        inputs, stats_by_dtype[ct], config, default_matrix_batch(matrix_batch))
     results.update(zip(names, edited))
   results = {name: results[name] for name in kernels}
   bad = [n for n, k in results.items() if not bool(jnp.all(jnp.isfinite(k)))]

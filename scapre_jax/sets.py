@@ -19,7 +19,7 @@ from scapre_jax import sharding
 from scapre_jax.config import EditConfig
 from scapre_jax.edit import (
     NonFiniteWeightsError, _check_config, _check_kernel, _edit_kernel_stack,
-    compute_dtype, concept_statistics, matrix_key)
+    compute_dtype, concept_statistics, default_matrix_batch, matrix_key)
 from scapre_jax.inputs import ConceptInputs
 
 
@@ -117,7 +117,8 @@ def edit_sets(kernels: Mapping[str, jax.Array], sets: Sequence[ConceptInputs],
     if mesh is not None:
       stack = sharding.replicate(stack, mesh)
       keys = sharding.shard_sets(keys, mesh)
-    edited = _edit_set_stack(stack, keys, batched, stats_by_dtype[ct], config, matrix_batch)
+    edited = _edit_set_stack(stack, keys, batched, stats_by_dtype[ct], config,
+                             default_matrix_batch(matrix_batch))
     for i, name in enumerate(names):
       results[name] = edited[:, i]
   out = [{name: results[name][s] for name in kernels} for s in range(count)]
