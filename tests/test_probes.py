@@ -13,6 +13,19 @@ def test_lower_median_is_torch_median():
   np.testing.assert_array_equal(probes.lower_median(jnp.array([3.0, 1.0, 2.0])), 2.0)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 11])
+def test_above_lower_median_matches_the_sort(n):
+  # Small integers: many ties, including all-equal rows.
+  rng = np.random.default_rng(n)
+  x = jnp.asarray(rng.integers(0, 3, size=(200, n)).astype(np.float32))
+  want = np.asarray(x) > np.asarray(probes.lower_median(x))[:, None]
+  got = probes.above_lower_median(x)
+  np.testing.assert_array_equal(got, want)
+  # Hand-worked: lower median of (3, 1, 2, 2) is 2, so only 3 fires.
+  np.testing.assert_array_equal(probes.above_lower_median(jnp.array([3.0, 1.0, 2.0, 2.0])),
+                                [True, False, False, False])
+
+
 def two_level_case():
   """d_in = 2 (concept axis, empty axis); 4 rows, K = 2, sigma = 0.
 

@@ -53,6 +53,18 @@ def lower_median(x: Float[Array, "... n"]) -> Float[Array, "..."]:
   return jnp.sort(x, axis=-1)[..., (n - 1) // 2]
 
 
+def above_lower_median(x: Float[Array, "... n"]) -> Bool[Array, "... n"]:
+  """x > lower_median(x), without a sort.
+
+  x_i exceeds the ((n - 1) // 2)-th smallest value exactly when at least
+  (n - 1) // 2 + 1 values are strictly below it, ties included. For the few
+  probes per row (n = 2K) the pairwise count is several times faster than
+  sorting on CPU.
+  """
+  below = jnp.sum(x[..., None, :] < x[..., :, None], axis=-1)
+  return below > (x.shape[-1] - 1) // 2
+
+
 def mi_soft_mask(
     weight: Float[Array, "d_out d_in"],
     concept_vecs: Float[Array, "m d_in"],
@@ -80,8 +92,7 @@ def mi_soft_mask(
   pos = concept_vecs[:, None, :] + sigma * pos_noise
   neg = empty_vec + sigma * neg_noise
   acts = einsum("oi,mki->mok", weight, jnp.concatenate([pos, neg], axis=1))
-  tau = lower_median(acts)
-  fired = acts > tau[..., None]
+  fired = above_lower_median(acts)
   label = jnp.arange(2 * num_pos) < num_pos
   counts = [jnp.sum((fired == a) & (label == b), axis=-1)
             for a, b in ((True, True), (True, False), (False, True), (False, False))]
@@ -131,8 +142,12 @@ def entropy_factor(
   scaled = (acts - low) / (high - low + EPS)
   index = jnp.clip(jnp.floor(scaled * bins).astype(jnp.int32), 0, bins - 1)
   in_range = valid & (scaled >= 0) & (scaled <= 1)
-  hist = jnp.sum((index[..., None] == jnp.arange(bins)) & in_range[..., None],
-                 axis=1, dtype=weight.dtype)
+  # Out-of-range samples count in an extra bin that is dropped. A scatter-add
+  # instead of a (d_out, n, bins) one-hot: 4x faster on CPU, less memory.
+  index = jnp.where(in_range, index, bins)
+  rows = jnp.arange(d_out)[:, None]
+  hist = jnp.zeros((d_out, bins + 1), jnp.int32).at[rows, index].add(1)[:, :bins]
+  hist = hist.astype(weight.dtype)
   prob = hist / (jnp.sum(hist, axis=-1, keepdims=True) + EPS)
   entropy = -jnp.sum(prob * jnp.log(prob + EPS), axis=-1)
   return 1 - entropy / jnp.log(jnp.asarray(bins, weight.dtype))
