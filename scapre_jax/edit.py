@@ -32,9 +32,23 @@ def compute_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def _name_hash(name: str) -> int:
+  return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
 def matrix_key(key: Array, name: str) -> Array:
   """The key `edit_projections` gives the matrix called `name`."""
-  return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+  return jax.random.fold_in(key, _name_hash(name))
+
+
+@jax.jit
+def _fold_in_each(key: Array, data: Array) -> Array:
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, data)
+
+
+def matrix_keys(key: Array, names) -> Array:
+  """`matrix_key(key, name)` of every name, stacked, in one dispatch."""
+  return _fold_in_each(key, np.array([_name_hash(n) for n in names], np.uint32))
 
 
 def preserve_scale(config: EditConfig, inputs: ConceptInputs) -> Array:
@@ -169,8 +183,10 @@ def solve_scapre_system(gram, basis, rhs, alpha):
   return solvers.solve_row_sylvester(gram, projector, rhs, alpha)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
-def _edit_kernel_stack(kernels, keys, inputs, stats, config, matrix_batch=None):
+def edit_stack(kernels: Array, keys: Array, inputs: ConceptInputs, stats: dict[str, Array],
+               config: EditConfig, matrix_batch: int | None = None) -> Array:
+  """`edit_weight` of every Flax kernel of a (n, d_in, d_out) stack: vmapped,
+  or `lax.map` over `matrix_batch` matrices at a time (same results)."""
   def one(kernel, key):
     weight = kernel.T.astype(compute_dtype(kernel.dtype))
     return edit_weight(weight, inputs, stats, key, config).T.astype(kernel.dtype)
@@ -178,6 +194,15 @@ def _edit_kernel_stack(kernels, keys, inputs, stats, config, matrix_batch=None):
   if matrix_batch is None or matrix_batch >= kernels.shape[0]:
     return jax.vmap(one)(kernels, keys)
   return jax.lax.map(lambda args: one(*args), (kernels, keys), batch_size=matrix_batch)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
+def _edit_kernel_stack(kernels, keys, inputs, stats, config, matrix_batch=None):
+  """One compiled call per shape group: stacks the kernels, edits them and
+  hands back each matrix and whether it is finite, so the host dispatches
+  once and syncs once per group."""
+  edited = edit_stack(jnp.stack(kernels), keys, inputs, stats, config, matrix_batch)
+  return tuple(edited), jnp.all(jnp.isfinite(edited), axis=(1, 2))
 
 
 def default_matrix_batch(matrix_batch: int | None) -> int | None:
@@ -241,25 +266,27 @@ def edit_projections(kernels: Mapping[str, Array], inputs: ConceptInputs,
   kernels = {name: jnp.asarray(k) for name, k in kernels.items()}
   for name, kernel in kernels.items():
     _check_kernel(name, kernel, inputs.d_in)
-  keys = dict(_keys) if _keys is not None else {n: matrix_key(key, n) for n in kernels}
 
   groups: dict[tuple, list[str]] = {}
   for name, kernel in kernels.items():
     groups.setdefault((kernel.shape, kernel.dtype), []).append(name)
   stats_by_dtype = {}
-  results = {}
+  results, finite = {}, []
   for (_, dtype), names in groups.items():
     ct = compute_dtype(dtype)
     if ct not in stats_by_dtype:
       stats_by_dtype[ct] = concept_statistics(inputs, config, dtype=ct)
-    edited = _edit_kernel_stack(
-        jnp.stack([kernels[n] for n in names]), jnp.stack([keys[n] for n in names]),
-        inputs, stats_by_dtype[ct], config, default_matrix_batch(matrix_batch))
+    keys = (jnp.stack([_keys[n] for n in names]) if _keys is not None
+            else matrix_keys(key, names))
+    edited, ok = _edit_kernel_stack(
+        tuple(kernels[n] for n in names), keys, inputs, stats_by_dtype[ct], config,
+        default_matrix_batch(matrix_batch))
     results.update(zip(names, edited))
-  results = {name: results[name] for name in kernels}
-  bad = [n for n, k in results.items() if not bool(jnp.all(jnp.isfinite(k)))]
+    finite.append((names, ok))
+  flags = jax.device_get([ok for _, ok in finite])  # the one sync
+  bad = [n for (names, _), ok in zip(finite, flags) for n, good in zip(names, ok) if not good]
   if bad:
     raise NonFiniteWeightsError(
         f"the edit produced non-finite weights for {len(bad)} matrices: {bad[:5]}; "
         "check the inputs and settings (erase_scale, lamb, noise_sigma)")
-  return results
+  return {name: results[name] for name in kernels}

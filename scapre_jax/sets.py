@@ -18,8 +18,8 @@ import numpy as np
 from scapre_jax import sharding
 from scapre_jax.config import EditConfig
 from scapre_jax.edit import (
-    NonFiniteWeightsError, _check_config, _check_kernel, _edit_kernel_stack,
-    compute_dtype, concept_statistics, default_matrix_batch, matrix_key)
+    NonFiniteWeightsError, _check_config, _check_kernel, compute_dtype, concept_statistics,
+    default_matrix_batch, edit_stack, matrix_keys)
 from scapre_jax.inputs import ConceptInputs
 
 
@@ -70,11 +70,18 @@ def _set_statistics(inputs, config, dtype):
   return jax.vmap(lambda x: concept_statistics(x, config, dtype))(inputs)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
-def _edit_set_stack(kernels, keys, inputs, stats, config, matrix_batch=None):
-  return jax.vmap(
-      lambda k, x, s: _edit_kernel_stack(kernels, k, x, s, config, matrix_batch)
-  )(keys, inputs, stats)
+@functools.partial(jax.jit, static_argnames=("config", "matrix_batch", "count"))
+def _edit_set_stack(kernels, keys, inputs, stats, config, matrix_batch, count):
+  """Every set's edit of one shape group in one compiled call.
+
+  Returns, for the first `count` sets, a tuple of edited kernels per set and
+  a (sets, matrices) finite flag, so the host slices nothing.
+  """
+  stack = jnp.stack(kernels)
+  edited = jax.vmap(
+      lambda x, s: edit_stack(stack, keys, x, s, config, matrix_batch))(inputs, stats)
+  finite = jnp.all(jnp.isfinite(edited[:count]), axis=(2, 3))
+  return tuple(tuple(e) for e in edited[:count]), finite
 
 
 def edit_sets(kernels: Mapping[str, jax.Array], sets: Sequence[ConceptInputs],
@@ -106,24 +113,25 @@ def edit_sets(kernels: Mapping[str, jax.Array], sets: Sequence[ConceptInputs],
   for name, kernel in kernels.items():
     groups.setdefault((kernel.shape, kernel.dtype), []).append(name)
   stats_by_dtype = {}
-  results: dict[str, jax.Array] = {}
+  out: list[dict[str, jax.Array]] = [{} for _ in range(count)]
+  finite = []
   for (_, dtype), names in groups.items():
     ct = compute_dtype(dtype)
     if ct not in stats_by_dtype:
       stats_by_dtype[ct] = _set_statistics(batched, config, ct)
-    stack = jnp.stack([kernels[n] for n in names])
-    keys = jnp.stack([matrix_key(key, n) for n in names])
-    keys = jnp.broadcast_to(keys, (num,) + keys.shape)
+    stack = tuple(kernels[n] for n in names)
+    keys = matrix_keys(key, names)  # every set uses `key`
     if mesh is not None:
-      stack = sharding.replicate(stack, mesh)
-      keys = sharding.shard_sets(keys, mesh)
-    edited = _edit_set_stack(stack, keys, batched, stats_by_dtype[ct], config,
-                             default_matrix_batch(matrix_batch))
-    for i, name in enumerate(names):
-      results[name] = edited[:, i]
-  out = [{name: results[name][s] for name in kernels} for s in range(count)]
-  bad = sorted({n for n in kernels if not bool(jnp.all(jnp.isfinite(results[n][:count])))})
+      stack, keys = sharding.replicate((stack, keys), mesh)
+    edited, ok = _edit_set_stack(stack, keys, batched, stats_by_dtype[ct], config,
+                                 default_matrix_batch(matrix_batch), count)
+    for result, per_set in zip(out, edited):
+      result.update(zip(names, per_set))
+    finite.append((names, ok))
+  flags = jax.device_get([ok for _, ok in finite])  # the one sync
+  bad = sorted({n for (names, _), ok in zip(finite, flags)
+                for row in ok for n, good in zip(names, row) if not good})
   if bad:
     raise NonFiniteWeightsError(
         f"the edit produced non-finite weights for {len(bad)} matrices: {bad[:5]}")
-  return out
+  return [{name: result[name] for name in kernels} for result in out]
