@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--sets-per-call", type=int, help="sets solved in one compiled call")
   p.add_argument("--quiet", action="store_true", help="no progress lines")
   p.add_argument("--json", action="store_true", help="print the summary as JSON")
+  p.add_argument("--compile-cache", metavar="DIR|off",
+                 help="persistent XLA compilation cache (default: "
+                      "$SCAPRE_JAX_COMPILE_CACHE, else ~/.cache/scapre-jax/xla)")
   p.add_argument("--coordinator", help="multi-host: coordinator address host:port "
                  "(or JAX_COORDINATOR_ADDRESS)")
   p.add_argument("--num-processes", type=int, help="multi-host: process count")
@@ -136,6 +139,7 @@ def _erase(args) -> int:
                                num_processes=args.num_processes,
                                process_id=args.process_id)
   overrides = tuple(parse_override(o) for o in args.overrides)
+  erase.enable_compile_cache(args.compile_cache)
   if args.sets:
     for flag in ("guides", "preserve", "templates", "full", "orbax"):
       if getattr(args, flag):

@@ -8,6 +8,9 @@ os.environ.setdefault(
     "XLA_FLAGS",
     "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 
+# The CLI's persistent compilation cache stays off in tests (no writes to ~).
+os.environ.setdefault("SCAPRE_JAX_COMPILE_CACHE", "off")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)

@@ -185,16 +185,20 @@ def test_two_processes_split_a_sets_file(tiny_dir, sets_file, tmp_path):
   assert run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", one, "--quiet") == 0
   two = tmp_path / "two"
   port = _free_port()
-  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   procs = [subprocess.Popen(
       [sys.executable, "-m", "scapre_jax.cli", "erase", "--model", str(tiny_dir),
        "--sets", str(sets_file), "--out", str(two), "--quiet",
-       "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+       "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+       "--compile-cache", str(tmp_path / f"xla{i}")],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   for p in procs:
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
   assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+  # The persistent compilation cache was filled (JAX writes from process 0 only).
+  assert len(list((tmp_path / "xla0").iterdir())) > 5
   for name in ("a", "b", "c"):
     got, _ = io.read_edit_file(two / f"{name}.safetensors")
     want, _ = io.read_edit_file(one / f"{name}.safetensors")
