@@ -31,6 +31,7 @@ Deliberate choices where ALGORITHM.md leaves room (see also the report):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -39,6 +40,22 @@ import torch
 
 EPS = 1e-8
 DTYPE = torch.float64
+
+
+@contextlib.contextmanager
+def precision(dtype: torch.dtype):
+  """Runs the reference in `dtype` inside the block; float64 again after it.
+
+  For benchmarks (scripts/bench_edit.py): the released code computes in the
+  model dtype, float32. Tests use the float64 default. The MI cell counts are
+  float32 either way, as in the released code.
+  """
+  global DTYPE
+  previous, DTYPE = DTYPE, dtype
+  try:
+    yield
+  finally:
+    DTYPE = previous
 
 
 def _t(x) -> torch.Tensor:

@@ -1,0 +1,827 @@
+#!/usr/bin/env python
+"""Benchmarks the ScaPre edit on Stable Diffusion 1.5 shapes.
+
+Ours: the JAX engine (`text.build_concept_inputs` + `edit_projections`), timed
+by phase: compilation, text encoding, statistics (text-side sums shared by all
+matrices), solve (all per-matrix work: probes, target values, linear solves,
+Bures step), total. Beside it, in
+the same process and on the same inputs, the released procedure in PyTorch
+float32, built from the per-row functions of tests/torch_reference.py in the
+loop order of the released erase_scale.py (text encoder re-run per matrix and
+concept, MI masks and histograms per row, one Cholesky per row), and the same
+with the encoding hoisted out. The reference is timed on a sample (one matrix
+per distinct d_out, a few concepts, a few encoder calls) and scaled up; every
+factor is written to the JSON. `reference_solve_s` is the reference's
+per-matrix work, like for like with `ours_solve_s`; `reference_linear_solve_s`
+(its per-row Cholesky solves) pairs with `ours_linear_solve_s` (our step 6).
+Without a GPU build of PyTorch the reference runs on the CPU.
+
+With `--sets K ...` it measures batched throughput instead: K sets of N
+concepts in one `edit_sets` call against K `edit_projections` calls.
+
+Each configuration runs in a fresh subprocess, so `peak_rss_mib` (ru_maxrss)
+is that configuration's own peak.
+
+  python scripts/bench_edit.py --concepts 10 50 100 --json benchmarks/edit_cpu.json
+  python scripts/bench_edit.py --concepts 10 --sets 1 2 4 8 --json benchmarks/sets_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import faulthandler
+import functools
+import json
+import os
+import pathlib
+import platform
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  # Appended: an engine copy on PYTHONPATH (a candidate fix) is measured instead.
+  sys.path.append(str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import convert  # noqa: E402
+import scapre_jax  # noqa: E402
+from scapre_jax import edit, models, sets, text, tiny  # noqa: E402
+from scapre_jax._src import probes, solvers, targets  # noqa: E402
+from scapre_jax.config import PRESETS, EditConfig  # noqa: E402
+from tests import torch_reference as ref  # noqa: E402
+
+CONCEPT_LISTS = ROOT / "scapre_jax" / "data" / "concept_lists.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """UNet cross-attention layout and text-encoder size of one benchmark."""
+
+  # (block path, number of attentions, d_out) in UNet order.
+  blocks: tuple[tuple[str, int, int], ...]
+  text: dict[str, int]  # CLIPTextConfig overrides of the tiny config
+
+
+SHAPES = {
+    # SD 1.5: 16 attn2 layers, context 768, CLIP ViT-L/14 text encoder.
+    "sd15": Shapes(
+        blocks=(("down_blocks_0", 2, 320), ("down_blocks_1", 2, 640),
+                ("down_blocks_2", 2, 1280), ("mid_block", 1, 1280),
+                ("up_blocks_1", 3, 1280), ("up_blocks_2", 3, 640),
+                ("up_blocks_3", 3, 320)),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12, projection_dim=768)),
+    # The tiny model of scapre_jax.tiny (context 32): for the smoke test.
+    "tiny": Shapes(
+        blocks=(("down_blocks_0", 1, 32), ("mid_block", 1, 64), ("up_blocks_1", 1, 32)),
+        text={}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+  """What `text.build_concept_inputs` needs, plus the same weights in torch."""
+
+  text_encoder: Any  # FlaxCLIPTextModel, built without params
+  text_params: Any
+  tokenizer: Any
+  torch_encoder: Any  # transformers.CLIPTextModel with the same weights
+
+
+# -- setup ----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def build_model(shapes_name: str, seed: int) -> BenchModel:
+  """Random-weight text encoder of `SHAPES[shapes_name]` over the tiny
+  tokenizer's vocab.
+
+  Params are drawn with numpy (Flax's init compiles slowly on CPU), with the
+  scales of tiny.py, and copied into transformers' PyTorch CLIPTextModel.
+  """
+  shapes = SHAPES[shapes_name]
+  with tempfile.TemporaryDirectory() as tmp:
+    root = tiny.write_tiny_model(pathlib.Path(tmp) / "tiny")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(
+        root / "tokenizer", local_files_only=True)
+    config = json.loads((root / "text_encoder" / "config.json").read_text())
+  config.update(shapes.text)
+  abstract = models.abstract_params("text_encoder", config)
+  rng = np.random.default_rng([seed, 1])
+  flat = {}
+  for path, spec in convert.flatten(abstract).items():
+    leaf, shape = path.rsplit("/", 1)[-1], tuple(spec.shape)
+    if leaf == "kernel":
+      std, mean = 1 / np.sqrt(np.prod(shape[:-1])), 0.0
+    elif leaf == "embedding":
+      std, mean = 0.02, 0.0
+    else:
+      std, mean = 0.02, 1.0 if leaf == "scale" else 0.0
+    flat[path] = (mean + std * rng.standard_normal(shape)).astype(np.float32)
+  params = convert.unflatten(flat)
+  torch_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(config))
+  state = convert.CLIP_TEXT.to_torch(params, abstract)
+  torch_encoder.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+  torch_encoder.eval()
+  return BenchModel(
+      text_encoder=models.build("text_encoder", config),
+      text_params=jax.tree.map(jnp.asarray, params),
+      tokenizer=tokenizer,
+      torch_encoder=torch_encoder)
+
+
+def unet_kernels(shapes: Shapes, d_in: int, seed: int) -> dict[str, np.ndarray]:
+  """to_k and to_v kernels (d_in, d_out) of every attn2 layer, std 1/sqrt(d_in)."""
+  rng = np.random.default_rng([seed, 2])
+  kernels = {}
+  for block, count, d_out in shapes.blocks:
+    for a in range(count):
+      for proj in ("to_k", "to_v"):
+        name = f"{block}/attentions_{a}/transformer_blocks_0/attn2/{proj}/kernel"
+        kernels[name] = (rng.standard_normal((d_in, d_out)) / np.sqrt(d_in)).astype(
+            np.float32)
+  return kernels
+
+
+def concept_names(count: int) -> list[str]:
+  """The packaged concept lists in order (deduplicated), then "concept 123"."""
+  lists = json.loads(CONCEPT_LISTS.read_text(encoding="utf-8"))
+  names = list(dict.fromkeys(c.strip().lower() for v in lists.values() for c in v))
+  names += [f"concept {i}" for i in range(len(names), count)]
+  return names[:count]
+
+
+def machine() -> dict[str, Any]:
+  cpu = "unknown CPU"
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  cores = os.cpu_count()
+  kind = jax.devices()[0].device_kind
+  git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True,
+                                  text=True).stdout.strip()
+  engine = pathlib.Path(scapre_jax.__file__).parent
+  diff = "" if engine == ROOT / "scapre_jax" else subprocess.run(
+      ["diff", "-ru", "-x", "__pycache__", str(ROOT / "scapre_jax"), str(engine)],
+      capture_output=True, text=True).stdout
+  return {
+      "engine_path": str(engine),
+      "engine_diff_from_checkout": diff,
+      "git_commit": git("rev-parse", "--short", "HEAD"),
+      "git_modified": git("status", "--porcelain", "--", "scapre_jax", "convert").split("\n"),
+      "device": f"{kind} | {cpu} | {cores} cores",
+      "jax_device_kind": kind, "cpu_model": cpu, "cores": cores,
+      "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+      "python": platform.python_version(), "jax": jax.__version__,
+      "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+      "transformers": transformers.__version__,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+
+
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+  """Progress on stderr, with seconds since start."""
+  print(f"[{time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def peak_rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def device_peak_mib() -> float | None:
+  """Peak accelerator memory of this process (None on CPU, where RSS says it)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2**20
+
+
+def timed(fn, *args, **kwargs):
+  """(seconds, result) with every JAX array of the result ready."""
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args, **kwargs))
+  return time.perf_counter() - start, out
+
+
+# -- ours -----------------------------------------------------------------------------
+
+
+def shape_groups(kernels, key):
+  """Matrices of one shape stacked, as `edit_projections` groups them."""
+  groups: dict[tuple, list[str]] = {}
+  for name, kernel in kernels.items():
+    groups.setdefault(tuple(kernel.shape), []).append(name)
+  return [(tuple(kernels[n] for n in names), edit.matrix_keys(key, names))
+          for names in groups.values()]
+
+
+def temp_memory_gib(groups, inputs, config, matrix_batch) -> list[float]:
+  """XLA's temporary buffer size of each shape group's compiled edit (GiB)."""
+  stats = jax.eval_shape(lambda x: edit.concept_statistics(x, config, jnp.float32), inputs)
+  sizes = []
+  for stack, keys in groups:
+    compiled = edit._edit_kernel_stack.lower(
+        stack, keys, inputs, stats, config, matrix_batch).compile()
+    sizes.append(compiled.memory_analysis().temp_size_in_bytes / 2**30)
+  return sizes
+
+
+def bench_ours(model, kernels, concepts, config, key, *, repeat, matrix_batch,
+               max_temp_gib):
+  """Phases of ours; compile = first call minus the fastest later call."""
+  # What edit_projections runs with (one matrix at a time on CPU).
+  matrix_batch = edit.default_matrix_batch(matrix_batch)
+  runs = {"encode": [], "edit": [], "statistics": [], "solve": []}
+  first = {}
+  groups = shape_groups(kernels, key)
+  for i in range(repeat + 1):
+    log(f"ours: run {i}" + (" (compiles)" if i == 0 else ""))
+    t_encode, request = timed(text.build_concept_inputs, model, concepts)
+    inputs = request.inputs
+    log(f"ours: encoded in {t_encode:.2f} s")
+    if i == 0:
+      # Compiles the per-group programs ahead of time (XLA caches them for the
+      # first call), so this time is part of the compile time.
+      t_aot, temp = timed(temp_memory_gib, groups, inputs, config, matrix_batch)
+      log(f"ours: compiled temporaries per shape group {[round(t, 2) for t in temp]} GiB")
+      if max(temp) > max_temp_gib:
+        raise MemoryError(
+            f"the edit needs {max(temp):.1f} GiB of temporaries (> --max-temp-gib "
+            f"{max_temp_gib:.1f}); pass --matrix-batch to bound it")
+    t_edit, _ = timed(edit.edit_projections, kernels, inputs, config, key=key,
+                      matrix_batch=matrix_batch)
+    log(f"ours: edit_projections in {t_edit:.2f} s")
+    t_stats, stats = timed(edit.concept_statistics, inputs, config, jnp.float32)
+    t_solve = 0.0
+    for stack, keys in groups:
+      # Positional, as edit_projections calls it, so the compiled program is shared.
+      seconds, _ = timed(edit._edit_kernel_stack, stack, keys, inputs, stats, config,
+                         matrix_batch)
+      t_solve += seconds
+    if i == 0:
+      first = {"encode": t_encode, "edit": t_edit}
+    else:
+      for name, value in (("encode", t_encode), ("edit", t_edit),
+                          ("statistics", t_stats), ("solve", t_solve)):
+        runs[name].append(value)
+  best = {name: min(values) for name, values in runs.items()}
+  compile_edit = t_aot + first["edit"] - best["edit"]
+  out = {
+      "ours_compile_s": (first["encode"] - best["encode"]) + compile_edit,
+      "ours_compile_encode_s": first["encode"] - best["encode"],
+      "ours_compile_edit_s": compile_edit,
+      "ours_encode_s": best["encode"],
+      "ours_statistics_s": best["statistics"],
+      "ours_solve_s": best["solve"],
+      "ours_edit_s": best["edit"],
+      "ours_total_s": best["encode"] + best["edit"],
+      "ours_runs": runs,
+      "ours_temp_gib": temp,
+      "prompts_encoded": len(set(request.prompts) | set(request.guides) | {""}),
+      "sequence_rows": int(inputs.old_seqs.shape[1]),
+  }
+  return out, request, stats, groups
+
+
+def over_matrices(fn, xs, matrix_batch):
+  """fn over the leading (matrix) axis, batched as `edit._edit_kernel_stack`
+  batches it: vmap, or lax.map `matrix_batch` matrices at a time."""
+  if matrix_batch is None or matrix_batch >= jax.tree.leaves(xs)[0].shape[0]:
+    return jax.vmap(lambda x: fn(*x))(xs)
+  return jax.lax.map(lambda x: fn(*x), xs, batch_size=matrix_batch)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
+def _probe_noise(stack, keys, inputs, config, matrix_batch):
+  return over_matrices(lambda key: probes.draw_probe_noise(
+      key, inputs.num_concepts, inputs.d_in, num_pos=config.mi_num_pos,
+      entropy_samples=config.entropy_samples), (keys,), matrix_batch)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
+def _mi_masks(stack, noise, inputs, config, matrix_batch):
+  return over_matrices(lambda k, n: probes.mi_soft_mask(
+      k.T, inputs.concept_vecs, inputs.empty_vec, n.mi_pos, n.mi_neg, inputs.concept_mask,
+      sigma=config.noise_sigma, temperature=config.mi_temperature, power=config.p,
+      mode=config.mi_mode), (stack, noise), matrix_batch)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
+def _entropy(stack, noise, inputs, config, matrix_batch):
+  return over_matrices(lambda k, n: probes.entropy_factor(
+      k.T, inputs.concept_vecs, n.entropy, inputs.concept_mask,
+      sigma=config.noise_sigma, bins=config.entropy_bins), (stack, noise), matrix_batch)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
+def _values(stack, row_weights, inputs, config, matrix_batch):
+  mask = inputs.seq_mask & inputs.concept_mask[:, None]
+
+  def one(k, r):
+    v = targets.target_values(k.T, inputs.old_seqs, inputs.new_seqs, mask,
+                              technique=config.technique)
+    return targets.weighted_value_sum(r, v, inputs.old_seqs)
+  return over_matrices(one, (stack, row_weights), matrix_batch)
+
+
+def linear_solve(gram, stats, rhs, alpha):
+  """The engine's step-6 solve, dispatched as `edit_weight` does."""
+  return edit.solve_scapre_system(gram, stats["projector_basis"], rhs, alpha)
+
+
+def projector_of(stats):
+  return stats["projector_basis"] @ stats["projector_basis"].T
+
+
+@functools.partial(jax.jit, static_argnames=("matrix_batch",))
+def _linear_solve(grams, stats, rhs, alpha, matrix_batch):
+  return over_matrices(lambda g, b, a: linear_solve(g, stats, b, a), (grams, rhs, alpha),
+                       matrix_batch)
+
+
+@functools.partial(jax.jit, static_argnames=("matrix_batch",))
+def _two_eigh(grams, projector, rhs, alpha, matrix_batch):
+  return over_matrices(lambda g, b, a: solvers.solve_row_sylvester(g, projector, b, a),
+                       (grams, rhs, alpha), matrix_batch)
+
+
+@functools.partial(jax.jit, static_argnames=("matrix_batch",))
+def _eigh(grams, matrix_batch):
+  return over_matrices(jnp.linalg.eigh, (grams,), matrix_batch)
+
+
+@functools.partial(jax.jit, static_argnames=("matrix_batch",))
+def _cholesky(grams, matrix_batch):
+  return over_matrices(lambda g: jax.scipy.linalg.cho_factor(g)[0], (grams,), matrix_batch)
+
+
+@functools.partial(jax.jit, static_argnames=("matrix_batch",))
+def _bures(stack, solved, matrix_batch):
+  return over_matrices(
+      lambda w, s: solvers.bures_prox(w.T, s, mu=0.3, lam_prox=0.8, iters=1),
+      (stack, solved), matrix_batch)
+
+
+def solve_problem(stack, stats, config):
+  """Step-6 inputs from real statistics, one mu per matrix as in the engine."""
+  count, d_in, d_out = stack.shape
+  eta = config.erase_scale
+  mu = 0.2 + 0.01 * jnp.arange(count, dtype=jnp.float32)[:, None, None]
+  grams = ((config.lamb + mu) * jnp.eye(d_in) + stats["cct"] + eta * stats["xx"]
+           + stats.get("ased", 0.0) * mu)
+  rhs = jnp.swapaxes(stack, 1, 2) * (config.lamb + 0.2)
+  return grams, rhs, jnp.full((count, d_out), eta, jnp.float32)
+
+
+def profile_ours(groups, inputs, stats, config, matrix_batch):
+  """Seconds of each piece of the per-matrix edit, summed over shape groups.
+
+  Each piece is its own compiled program (first call discarded), batched over
+  matrices as the engine batches them, so the sum can differ from the fused
+  `ours_solve_s`. `linear_solve` is the engine's step 6 (Woodbury while
+  2 rank <= d_in, else two eigh); `solve_two_eigh` times the two-eigh form
+  for comparison.
+  """
+  parts: dict[str, float] = {}
+
+  def add(name, fn, *args):
+    log(f"profile: {name}")
+    fn(*args, matrix_batch=matrix_batch)  # compile
+    seconds, out = timed(fn, *args, matrix_batch=matrix_batch)
+    parts[name] = parts.get(name, 0.0) + seconds
+    return out
+
+  projector = projector_of(stats)
+  for kernels, keys in groups:
+    stack = jnp.stack(kernels)
+    count, d_in, d_out = stack.shape
+    noise = add("probe_noise", _probe_noise, stack, keys, inputs, config)
+    if config.mi_mask:
+      weights = add("mi_mask", _mi_masks, stack, noise, inputs, config)
+    else:
+      weights = jnp.ones((count, inputs.num_concepts, d_out), jnp.float32)
+    add("entropy", _entropy, stack, noise, inputs, config)
+    add("target_values", _values, stack, weights, inputs, config)
+    grams, rhs, alpha = solve_problem(stack, stats, config)
+    solved = add("linear_solve", _linear_solve, grams, stats, rhs, alpha)
+    add("eigh", _eigh, grams)
+    add("cholesky", _cholesky, grams)
+    add("solve_two_eigh", _two_eigh, grams, projector, rhs, alpha)
+    add("bures", _bures, stack, solved)
+  return parts
+
+
+# -- reference ------------------------------------------------------------------------
+
+
+def bench_reference(model, kernels, request, config, *, sample_concepts, sample_encodes,
+                    rows, seed):
+  """The released procedure in torch float32, timed on a sample and scaled.
+
+  Per distinct d_out one matrix stands for all of that width. Per matrix, as
+  erase_scale.py: the entropy factor (histc per row), MI masks per concept
+  for r_max, then per concept the text encoder on [old, new], the target
+  values of every layer of this projection type (the released loop computes
+  all 16 and keeps one), the batched outer-product sums, the MI mask again,
+  then one Cholesky per row and the Bures step.
+  """
+  inputs = request.inputs
+  m = inputs.num_concepts
+  q = min(sample_concepts, m)
+  tokenizer, encoder = model.tokenizer, model.torch_encoder
+  length = tokenizer.model_max_length
+  f32 = lambda x: torch.from_numpy(np.array(x, np.float32))
+  concept_vecs = f32(inputs.concept_vecs)
+  empty_vec = f32(inputs.empty_vec)
+  old_seqs, new_seqs = np.asarray(inputs.old_seqs), np.asarray(inputs.new_seqs)
+  seq_mask = np.asarray(inputs.seq_mask)
+  xs = [f32(old_seqs[j][seq_mask[j]]) for j in range(q)]
+  ys = [f32(new_seqs[j][seq_mask[j]]) for j in range(q)]
+  rng = np.random.default_rng([seed, 3])
+  d_in = inputs.d_in
+  ent_noise = f32(rng.standard_normal((m, config.entropy_samples, d_in)))
+  pos_noise = f32(rng.standard_normal((q, config.mi_num_pos, d_in)))
+  neg_noise = f32(rng.standard_normal((q, config.mi_num_pos, d_in)))
+  eta, lamb = config.erase_scale, config.lamb
+  stats32 = edit.concept_statistics(inputs, config, jnp.float32)
+  xx = f32(np.asarray(stats32["xx"]))
+  projector64 = ref.concept_projector(concept_vecs)  # float64, the released formula
+
+  def encode(prompts):
+    tok = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                    return_tensors="pt")
+    return encoder(tok.input_ids)[0], tok.attention_mask
+
+  out: dict[str, Any] = {}
+  with ref.precision(torch.float32), torch.no_grad():
+    # Text side: one batch of every erased prompt + the empty prompt (once),
+    # then [old, new] per concept and matrix.
+    log("reference: encoding")
+    start = time.perf_counter()
+    encode(list(request.prompts))
+    encode([""])
+    out["reference_encode_once_s"] = time.perf_counter() - start
+    pairs = list(zip(request.prompts, request.guides))
+    encode(list(pairs[0]))  # warm-up
+    k = min(sample_encodes, m)
+    start = time.perf_counter()
+    for pair in pairs[:k]:
+      encode(list(pair))
+    t_pair = (time.perf_counter() - start) / k
+
+    start = time.perf_counter()
+    projector = ref.concept_projector(concept_vecs)
+    t_projector = time.perf_counter() - start
+
+    by_width: dict[int, list[str]] = {}
+    for name, kernel in kernels.items():
+      by_width.setdefault(kernel.shape[1], []).append(name)
+    per_width = {}
+    accuracy = None
+    for d_out, names in by_width.items():
+      name = names[0]
+      log(f"reference: matrices of width {d_out}")
+      proj = "to_k" if "/to_k/" in name else "to_v"
+      weight = f32(np.asarray(kernels[name]).T)
+      same_type = [n for n in kernels if f"/{proj}/" in n]
+      layers = [f32(np.asarray(kernels[n]).T) for n in same_type]
+      index = same_type.index(name)
+      r = d_out if rows is None else min(rows, d_out)
+      row_scale = d_out / r
+      t = {}
+      start = time.perf_counter()
+      e = ref.entropy_factor(weight[:r], concept_vecs, ent_noise, sigma=config.noise_sigma,
+                             bins=config.entropy_bins)
+      t["entropy"] = (time.perf_counter() - start) * row_scale
+      mu = float(torch.clamp(1 - e, 0, 1).mean())
+      mask = lambda j: ref.mi_soft_mask(
+          weight[:r], concept_vecs[j], empty_vec, pos_noise[j], neg_noise[j],
+          sigma=config.noise_sigma, temperature=config.mi_temperature, power=config.p)
+      if config.mi_mask:
+        start = time.perf_counter()
+        masks = [mask(j) for j in range(q)]
+        # Twice per concept: once for r_max, once in the accumulation loop.
+        t["mi_mask"] = 2 * (time.perf_counter() - start) * row_scale * m / q
+      else:
+        masks = [torch.ones(r) for _ in range(q)]
+        t["mi_mask"] = 0.0
+      start = time.perf_counter()
+      ased = (ref.ased_regulariser(concept_vecs, mu, temperature=config.spectral_temperature,
+                                   power=config.spectral_power)
+              if config.ased else torch.zeros(d_in, d_in))
+      t["ased"] = time.perf_counter() - start
+      start = time.perf_counter()
+      value_sum, square_sum = torch.zeros(d_out, d_in), torch.zeros(d_in, d_in)
+      for j in range(q):
+        values = [ref.targets(w, xs[j], ys[j], config.technique) for w in layers]
+        v = values[index]
+        # As released: (L, d_out, d_in) and (L, d_in, d_in) products, then sum.
+        a = (v[:, :, None] * xs[j][:, None, :]).sum(0)
+        square_sum += eta * (xs[j][:, :, None] * xs[j][:, None, :]).sum(0)
+        weights = torch.ones(d_out)
+        weights[:r] = masks[j]
+        value_sum += eta * (a * weights[:, None])
+      t["accumulate"] = (time.perf_counter() - start) * m / q
+      gram = ((lamb + mu) * torch.eye(d_in) + ased * mu + concept_vecs.T @ concept_vecs
+              + eta * xx)
+      rhs = (lamb + mu) * weight + value_sum
+      alpha = eta * torch.ones(d_out)
+      start = time.perf_counter()
+      solved = ref.scapre_row_solve(gram, projector, rhs[:r], alpha[:r])
+      t["solve"] = (time.perf_counter() - start) * row_scale
+      if not accuracy:
+        # Both float32 solves against float64 (alpha is constant here, so one
+        # inverse serves every row).
+        exact = rhs[:r].double().numpy() @ np.linalg.inv(
+            gram.double().numpy() + eta * projector64.numpy())
+        ours = linear_solve(jnp.asarray(gram.numpy()), stats32,
+                            jnp.asarray(rhs[:r].numpy()), jnp.asarray(alpha[:r].numpy()))
+        error = lambda x: float(np.abs(np.asarray(x, np.float64) - exact).max()
+                                / np.abs(exact).max())
+        accuracy = {"d_out": d_out, "ours": error(ours), "reference": error(solved.numpy()),
+                    "ours_vs_reference": float(np.abs(np.asarray(ours) - solved.numpy()).max()
+                                               / np.abs(solved.numpy()).max()),
+                    "gram_condition": float(np.linalg.cond(gram.double().numpy()))}
+      start = time.perf_counter()
+      ref.bures_prox(weight[:r], solved, mu=mu, lam_prox=lamb + mu, iters=config.bures_iters)
+      t["bures"] = (time.perf_counter() - start) * row_scale
+      t["encode_per_matrix"] = m * t_pair
+      per_width[d_out] = {"matrices": len(names), "rows_timed": r, "seconds": t}
+
+  num_matrices = len(kernels)
+  phases = {p: sum(w["matrices"] * w["seconds"][p] for w in per_width.values())
+            for p in ("entropy", "mi_mask", "ased", "accumulate", "solve", "bures")}
+  phases["projector"] = t_projector
+  matrix_s = sum(phases.values())
+  encode_released = out["reference_encode_once_s"] + num_matrices * m * t_pair
+  encode_hoisted = out["reference_encode_once_s"] + m * t_pair
+  out.update({
+      "reference_total_s": encode_released + matrix_s,
+      "reference_hoisted_total_s": encode_hoisted + matrix_s,
+      # Like for like with ours_solve_s: all per-matrix work after the shared
+      # text statistics (probes, targets, linear solves, Bures).
+      "reference_solve_s": matrix_s,
+      "reference_linear_solve_s": phases["solve"],
+      "reference_encode_s": encode_released,
+      "reference_hoisted_encode_s": encode_hoisted,
+      "reference_encode_pair_s": t_pair,
+      "reference_phases_s": phases,
+      "reference_per_width": {str(k): v for k, v in per_width.items()},
+      "solve_rel_error_f32": accuracy,
+      "reference_sample": {
+          "matrices_timed": len(per_width), "matrices": num_matrices,
+          "concepts_timed": q, "concepts": m, "encoder_calls_timed": k,
+          "encoder_calls_released": num_matrices * m, "encoder_calls_hoisted": m,
+          "rows_timed": None if rows is None else rows,
+          "note": ("one matrix per distinct d_out, scaled by the number of matrices of that "
+                   "width; MI masks and accumulation timed on concepts_timed concepts and "
+                   "scaled by concepts / concepts_timed; encoder [old, new] calls timed "
+                   "encoder_calls_timed times and scaled by the call count; per-row loops "
+                   "timed on rows_timed rows (None = all) and scaled by d_out / rows"),
+      },
+  })
+  return out
+
+
+# -- configurations -------------------------------------------------------------------
+
+
+def run_edit(args, n: int) -> dict[str, Any]:
+  shapes = SHAPES[args.shapes]
+  config = EditConfig.preset(args.preset)
+  log("building the text encoder")
+  model = build_model(args.shapes, args.seed)
+  d_in = model.text_encoder.config.hidden_size
+  kernels = {k: jnp.asarray(v) for k, v in unet_kernels(shapes, d_in, args.seed).items()}
+  concepts = concept_names(n)
+  key = jax.random.key(args.seed)
+  record = {"kind": "edit", "concepts": n, "preset": args.preset, "shapes": args.shapes,
+            "matrices": len(kernels), "d_in": d_in, "loadavg_start": os.getloadavg()}
+  ours, request, stats, groups = bench_ours(
+      model, kernels, concepts, config, key, repeat=args.repeat,
+      matrix_batch=args.matrix_batch, max_temp_gib=args.max_temp_gib)
+  record["matrix_batch"] = edit.default_matrix_batch(args.matrix_batch)
+  record.update(ours)
+  record["peak_rss_mib"] = peak_rss_mib()
+  if args.profile and config.method == "scapre":
+    record["ours_profile_s"] = profile_ours(groups, request.inputs, stats, config,
+                                           edit.default_matrix_batch(args.matrix_batch))
+    # Step 6 alone, for the like-for-like ratio with the per-row Cholesky solves.
+    record["ours_linear_solve_s"] = record["ours_profile_s"]["linear_solve"]
+  if args.reference:
+    record.update(bench_reference(
+        model, kernels, request, config, sample_concepts=args.ref_concepts,
+        sample_encodes=args.ref_encodes, rows=args.ref_rows, seed=args.seed))
+    record["speedup_total"] = record["reference_total_s"] / record["ours_total_s"]
+    record["speedup_total_hoisted"] = (record["reference_hoisted_total_s"]
+                                       / record["ours_total_s"])
+    record["speedup_solve"] = record["reference_solve_s"] / record["ours_solve_s"]
+    if "ours_linear_solve_s" in record:
+      record["speedup_linear_solve"] = (record["reference_linear_solve_s"]
+                                        / record["ours_linear_solve_s"])
+  record["peak_rss_end_mib"] = peak_rss_mib()
+  record["device_peak_mib"] = device_peak_mib()
+  record["loadavg_end"] = os.getloadavg()
+  return record
+
+
+def run_sets(args, n: int, num_sets: int) -> dict[str, Any]:
+  shapes = SHAPES[args.shapes]
+  config = EditConfig.preset(args.preset)
+  model = build_model(args.shapes, args.seed)
+  d_in = model.text_encoder.config.hidden_size
+  kernels = {k: jnp.asarray(v) for k, v in unet_kernels(shapes, d_in, args.seed).items()}
+  names = concept_names(n * num_sets)
+  key = jax.random.key(args.seed)
+  record = {"kind": "sets", "concepts": n, "sets": num_sets, "preset": args.preset,
+            "shapes": args.shapes, "matrices": len(kernels), "d_in": d_in,
+            "matrix_batch": edit.default_matrix_batch(args.matrix_batch),
+            "loadavg_start": os.getloadavg()}
+  start = time.perf_counter()
+  inputs = [text.build_concept_inputs(model, names[i * n:(i + 1) * n]).inputs
+            for i in range(num_sets)]
+  record["encode_s"] = time.perf_counter() - start
+  t_first, batched = timed(sets.edit_sets, kernels, inputs, config, key=key,
+                           matrix_batch=args.matrix_batch)
+  start = time.perf_counter()
+  alone = [jax.block_until_ready(edit.edit_projections(
+      kernels, x, config, key=key, matrix_batch=args.matrix_batch)) for x in inputs]
+  t_first_seq = time.perf_counter() - start  # compiles once per distinct L
+  record["max_abs_diff"] = max(
+      float(jnp.max(jnp.abs(b[name] - a[name]))) for b, a in zip(batched, alone)
+      for name in kernels)
+  record["max_rel_diff"] = max(
+      float(jnp.max(jnp.abs(b[name] - a[name])) / jnp.max(jnp.abs(a[name])))
+      for b, a in zip(batched, alone) for name in kernels)
+  runs = {"batched": [], "sequential": []}
+  for _ in range(args.repeat):
+    runs["batched"].append(timed(sets.edit_sets, kernels, inputs, config, key=key,
+                                 matrix_batch=args.matrix_batch)[0])
+    start = time.perf_counter()
+    for x in inputs:
+      jax.block_until_ready(edit.edit_projections(kernels, x, config, key=key,
+                                                  matrix_batch=args.matrix_batch))
+    runs["sequential"].append(time.perf_counter() - start)
+  batched_s, sequential_s = min(runs["batched"]), min(runs["sequential"])
+  record.update({
+      "batched_s": batched_s, "sequential_s": sequential_s,
+      "batched_compile_s": t_first - batched_s,
+      "sequential_first_s": t_first_seq,
+      "speedup_batched": sequential_s / batched_s,
+      "batched_sets_per_s": num_sets / batched_s,
+      "sequential_sets_per_s": num_sets / sequential_s,
+      "runs": runs, "peak_rss_mib": peak_rss_mib(), "device_peak_mib": device_peak_mib(),
+      "loadavg_end": os.getloadavg(),
+  })
+  return record
+
+
+def run_config(args, n: int, num_sets: int | None) -> dict[str, Any]:
+  record = run_edit(args, n) if num_sets is None else run_sets(args, n, num_sets)
+  record.update(machine())
+  return record
+
+
+# -- command line ---------------------------------------------------------------------
+
+
+def parse(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument("--concepts", type=int, nargs="+", default=[10, 50],
+                      help="concept counts N (e.g. 10 50 100 500 1000)")
+  parser.add_argument("--sets", type=int, nargs="+", default=None,
+                      help="batched throughput: K sets of N concepts (e.g. 1 2 4 8)")
+  parser.add_argument("--preset", default="scapre", choices=sorted(PRESETS))
+  parser.add_argument("--shapes", default="sd15", choices=sorted(SHAPES),
+                      help="sd15: SD-1.5 UNet and CLIP-L sizes; tiny: for the smoke test")
+  parser.add_argument("--json", type=pathlib.Path, default=None,
+                      help="write the results here (and print a summary)")
+  parser.add_argument("--repeat", type=int, default=2,
+                      help="timed runs after the compiling one; the fastest is kept")
+  parser.add_argument("--matrix-batch", type=int, default=None,
+                      help="edit_projections matrix_batch (bounds memory)")
+  parser.add_argument("--max-temp-gib", type=float, default=None,
+                      help="refuse an edit whose compiled temporaries exceed this "
+                           "(default: 70%% of physical memory)")
+  parser.add_argument("--no-reference", dest="reference", action="store_false",
+                      help="skip the PyTorch reference")
+  parser.add_argument("--no-profile", dest="profile", action="store_false",
+                      help="skip the per-piece profile of ours")
+  parser.add_argument("--ref-concepts", type=int, default=4,
+                      help="concepts whose MI masks and accumulation the reference times")
+  parser.add_argument("--ref-encodes", type=int, default=3,
+                      help="timed [old, new] encoder calls of the reference")
+  parser.add_argument("--ref-rows", type=int, default=None,
+                      help="rows per matrix for the reference's per-row loops (default all)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--in-process", action="store_true",
+                      help="run every configuration in this process (peaks accumulate)")
+  parser.add_argument("--worker", nargs=2, type=int, metavar=("N", "K"),
+                      help=argparse.SUPPRESS)  # internal: one config, K = 0 for edit
+  args = parser.parse_args(argv)
+  if args.max_temp_gib is None:
+    args.max_temp_gib = 0.7 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  return args
+
+
+def _worker_argv(args, n: int, num_sets: int | None, out: pathlib.Path) -> list[str]:
+  argv = [sys.executable, str(pathlib.Path(__file__).resolve()),
+          "--worker", str(n), str(num_sets or 0), "--json", str(out),
+          "--preset", args.preset, "--shapes", args.shapes, "--repeat", str(args.repeat),
+          "--ref-concepts", str(args.ref_concepts), "--ref-encodes", str(args.ref_encodes),
+          "--seed", str(args.seed), "--max-temp-gib", str(args.max_temp_gib)]
+  if args.matrix_batch is not None:
+    argv += ["--matrix-batch", str(args.matrix_batch)]
+  if args.ref_rows is not None:
+    argv += ["--ref-rows", str(args.ref_rows)]
+  if not args.reference:
+    argv.append("--no-reference")
+  if not args.profile:
+    argv.append("--no-profile")
+  return argv
+
+
+def summary(record: dict[str, Any]) -> str:
+  if "error" in record:
+    return f"N={record['concepts']} K={record.get('sets')}: FAILED {record['error']}"
+  if record["kind"] == "sets":
+    return (f"N={record['concepts']} K={record['sets']}: batched {record['batched_s']:.2f} s, "
+            f"sequential {record['sequential_s']:.2f} s "
+            f"({record['speedup_batched']:.2f}x), peak {record['peak_rss_mib']:.0f} MiB")
+  line = (f"N={record['concepts']}: ours total {record['ours_total_s']:.2f} s (encode "
+          f"{record['ours_encode_s']:.2f}, stats {record['ours_statistics_s']:.2f}, solve "
+          f"{record['ours_solve_s']:.2f}; compile {record['ours_compile_s']:.1f}), "
+          f"peak {record['peak_rss_mib']:.0f} MiB")
+  if "reference_total_s" in record:
+    line += (f"; reference {record['reference_total_s']:.0f} s released "
+             f"({record['speedup_total']:.0f}x), {record['reference_hoisted_total_s']:.0f} s "
+             f"hoisted ({record['speedup_total_hoisted']:.0f}x), solve "
+             f"{record['reference_solve_s']:.1f} s ({record['speedup_solve']:.0f}x)")
+    if "speedup_linear_solve" in record:
+      line += (f", step-6 solves {record['reference_linear_solve_s']:.1f} s "
+               f"({record['speedup_linear_solve']:.0f}x)")
+  return line
+
+
+def main(argv=None) -> list[dict[str, Any]]:
+  args = parse(argv)
+  if args.worker:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: stacks
+    n, num_sets = args.worker
+    record = run_config(args, n, num_sets or None)
+    args.json.write_text(json.dumps(record, indent=1))
+    return [record]
+  command = "python scripts/bench_edit.py " + shlex.join(
+      sys.argv[1:] if argv is None else list(argv))
+  configs = ([(n, None) for n in args.concepts] if args.sets is None
+             else [(n, k) for n in args.concepts for k in args.sets])
+  records = []
+  for n, num_sets in configs:
+    if args.in_process:
+      record = run_config(args, n, num_sets)
+    else:
+      with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "record.json"
+        last = ""
+        with subprocess.Popen(_worker_argv(args, n, num_sets, out), cwd=ROOT,
+                              stderr=subprocess.PIPE, text=True) as proc:
+          for line in proc.stderr:  # pass progress through, keep the last error line
+            sys.stderr.write(line)
+            if line.strip() and not line.startswith("["):
+              last = line.strip()
+        record = (json.loads(out.read_text()) if proc.returncode == 0 and out.exists()
+                  else {"concepts": n, "sets": num_sets,
+                        "error": f"worker exited with status {proc.returncode}: {last}"})
+    record["command"] = command
+    records.append(record)
+    print(summary(record), flush=True)
+    if args.json:
+      args.json.parent.mkdir(parents=True, exist_ok=True)
+      args.json.write_text(json.dumps({"command": command, "results": records}, indent=1))
+  return records
+
+
+if __name__ == "__main__":
+  main()

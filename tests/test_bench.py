@@ -1,0 +1,57 @@
+"""Smoke test of scripts/bench_edit.py and scripts/plot_benchmarks.py on the
+tiny shapes, so the benchmark keeps running as the engine changes."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name):
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", SCRIPTS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+  return load_script("bench_edit")
+
+
+def test_edit_and_sets_benchmarks_run(bench, tmp_path):
+  edit_json, sets_json = tmp_path / "edit.json", tmp_path / "sets.json"
+  common = ["--shapes", "tiny", "--concepts", "2", "--repeat", "1", "--in-process",
+            "--ref-concepts", "1", "--ref-encodes", "1", "--ref-rows", "8"]
+  [record] = bench.main(common + ["--json", str(edit_json), "--no-profile"])
+  for key in ("ours_total_s", "reference_total_s", "ours_solve_s", "reference_solve_s",
+              "peak_rss_mib", "concepts", "device", "speedup_total", "speedup_solve"):
+    assert key in record, key
+  assert record["concepts"] == 2 and record["matrices"] == 6
+  assert record["ours_total_s"] > 0 and record["reference_total_s"] > 0
+  assert record["solve_rel_error_f32"]["ours"] < 1e-2
+  assert json.loads(edit_json.read_text())["results"][0]["concepts"] == 2
+
+  [two] = bench.main(common + ["--sets", "2", "--json", str(sets_json)])
+  assert two["sets"] == 2 and two["concepts"] == 2
+  assert two["max_abs_diff"] < 1e-4
+  assert two["batched_s"] > 0 and two["sequential_s"] > 0
+
+  plots = load_script("plot_benchmarks")
+  written = plots.main([str(edit_json), str(sets_json), "--out", str(tmp_path), "--markdown"])
+  assert {p.name for p in written} == {
+      "time_vs_concepts.png", "ours_phases.png", "throughput_vs_sets.png"}
+  assert all(p.stat().st_size > 0 for p in written)
+
+
+def test_help_lists_the_options(bench, capsys):
+  with pytest.raises(SystemExit):
+    bench.parse(["--help"])
+  out = capsys.readouterr().out
+  for option in ("--concepts", "--sets", "--preset", "--json"):
+    assert option in out
