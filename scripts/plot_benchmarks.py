@@ -59,13 +59,7 @@ def plot_times(edits, out: pathlib.Path) -> pathlib.Path:
   ax.set_xlabel("concepts N")
   ax.set_ylabel("seconds (after compilation)")
   ax.set_title(f"ScaPre edit, SD-1.5 shapes, {edits[0]['jax_device_kind']}")
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  path = out / "time_vs_concepts.png"
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, ax, out / "time_vs_concepts.png")
 
 
 def plot_phases(edits, out: pathlib.Path) -> pathlib.Path:
@@ -102,10 +96,14 @@ def plot_sets(sets, out: pathlib.Path) -> pathlib.Path:
   ax.set_xlabel("concept sets K")
   ax.set_ylabel("sets per second")
   ax.set_title(f"Batched throughput, SD-1.5 shapes, {sets[0]['jax_device_kind']}")
+  return _save(fig, ax, out / "throughput_vs_sets.png")
+
+
+def _save(fig, ax, path: pathlib.Path) -> pathlib.Path:
+  """Grid, legend, layout, PNG file; closes the figure."""
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  path = out / "throughput_vs_sets.png"
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
