@@ -94,9 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--sets-per-call", type=int, help="sets solved in one compiled call")
   p.add_argument("--quiet", action="store_true", help="no progress lines")
   p.add_argument("--json", action="store_true", help="print the summary as JSON")
-  p.add_argument("--compile-cache", metavar="DIR|off",
-                 help="persistent XLA compilation cache (default: "
-                      "$SCAPRE_JAX_COMPILE_CACHE, else ~/.cache/scapre-jax/xla)")
+  _add_compile_cache(p)
   p.add_argument("--coordinator", help="multi-host: coordinator address host:port "
                  "(or JAX_COORDINATOR_ADDRESS)")
   p.add_argument("--num-processes", type=int, help="multi-host: process count")
@@ -122,7 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--guidance", type=float, default=7.5)
   p.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
   p.add_argument("--overwrite", action="store_true")
+  _add_compile_cache(p)
   return parser
+
+
+def _add_compile_cache(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--compile-cache", metavar="DIR|off",
+                 help="persistent XLA compilation cache (default: "
+                      "$SCAPRE_JAX_COMPILE_CACHE, else ~/.cache/scapre-jax/xla)")
 
 
 def _templates(value: str | None):
@@ -236,7 +241,8 @@ def main(argv=None) -> int:
     if args.command == "inspect":
       return _inspect(args)
     if args.command == "generate":
-      from scapre_jax import generate
+      from scapre_jax import erase, generate
+      erase.enable_compile_cache(args.compile_cache)
       print(generate.run_cli(args))
       return 0
   except (ValueError, FileNotFoundError, FileExistsError) as err:
