@@ -5,7 +5,9 @@ Edits 32 random SD-1.5-shaped kernels (context 768) for 50 random concepts,
 `--calls` times, printing each call's time. With `--matrix-batch 0` (all
 matrices of a shape vmapped at once) most runs on our 2-core machines
 stopped making progress inside the first call: every XLA worker thread idle,
-the main thread waiting for the result. Run it under `timeout`:
+the main thread waiting for the result. Since the probe changes of 326d311
+(no sort, no one-hot histogram) 6 runs of 6 finished (BENCHMARKS.md). Run it
+under `timeout`:
 
   timeout 300 python scripts/repro_cpu_hang.py --matrix-batch 0
   timeout 300 python scripts/repro_cpu_hang.py --matrix-batch 1
