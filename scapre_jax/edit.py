@@ -221,6 +221,23 @@ def default_matrix_batch(matrix_batch: int | None) -> int | None:
   return 1 if jax.default_backend() == "cpu" else None
 
 
+def _shape_groups(kernels: Mapping[str, Array]) -> dict[tuple, list[str]]:
+  """Names of the kernels by (shape, dtype): one compiled call per group."""
+  groups: dict[tuple, list[str]] = {}
+  for name, kernel in kernels.items():
+    groups.setdefault((kernel.shape, kernel.dtype), []).append(name)
+  return groups
+
+
+def _nonfinite_names(finite: list[tuple[list[str], Array]]) -> list[str]:
+  """Names whose flag is False in any row, from (names, flags[..., names])
+  pairs of every group, fetched in one host sync; in group order."""
+  flags = jax.device_get([ok for _, ok in finite])
+  bad = [n for (names, _), ok in zip(finite, flags)
+         for n, good in zip(names, np.reshape(ok, (-1, len(names))).all(axis=0)) if not good]
+  return list(dict.fromkeys(bad))
+
+
 def _check_config(config) -> None:
   if not isinstance(config, EditConfig):
     raise ValueError(f"config must be an EditConfig, got {type(config).__name__}")
@@ -267,12 +284,9 @@ def edit_projections(kernels: Mapping[str, Array], inputs: ConceptInputs,
   for name, kernel in kernels.items():
     _check_kernel(name, kernel, inputs.d_in)
 
-  groups: dict[tuple, list[str]] = {}
-  for name, kernel in kernels.items():
-    groups.setdefault((kernel.shape, kernel.dtype), []).append(name)
   stats_by_dtype = {}
   results, finite = {}, []
-  for (_, dtype), names in groups.items():
+  for (_, dtype), names in _shape_groups(kernels).items():
     ct = compute_dtype(dtype)
     if ct not in stats_by_dtype:
       stats_by_dtype[ct] = concept_statistics(inputs, config, dtype=ct)
@@ -283,8 +297,7 @@ def edit_projections(kernels: Mapping[str, Array], inputs: ConceptInputs,
         default_matrix_batch(matrix_batch))
     results.update(zip(names, edited))
     finite.append((names, ok))
-  flags = jax.device_get([ok for _, ok in finite])  # the one sync
-  bad = [n for (names, _), ok in zip(finite, flags) for n, good in zip(names, ok) if not good]
+  bad = _nonfinite_names(finite)
   if bad:
     raise NonFiniteWeightsError(
         f"the edit produced non-finite weights for {len(bad)} matrices: {bad[:5]}; "

@@ -122,8 +122,6 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> pathlib.Path 
   leaves the cache as it is. A directory the user configured in JAX already
   wins. Returns the directory in use, or None.
   """
-  import jax
-
   if path is None:
     path = os.environ.get("SCAPRE_JAX_COMPILE_CACHE") or cache_home() / "xla"
   if str(path).lower() in ("off", "none", ""):

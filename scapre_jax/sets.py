@@ -18,8 +18,8 @@ import numpy as np
 from scapre_jax import sharding
 from scapre_jax.config import EditConfig
 from scapre_jax.edit import (
-    NonFiniteWeightsError, _check_config, _check_kernel, compute_dtype, concept_statistics,
-    default_matrix_batch, edit_stack, matrix_keys)
+    NonFiniteWeightsError, _check_config, _check_kernel, _nonfinite_names, _shape_groups,
+    compute_dtype, concept_statistics, default_matrix_batch, edit_stack, matrix_keys)
 from scapre_jax.inputs import ConceptInputs
 
 
@@ -79,9 +79,8 @@ def _edit_set_stack(kernels, keys, inputs, stats, config, matrix_batch, count):
   """
   stack = jnp.stack(kernels)
   edited = jax.vmap(
-      lambda x, s: edit_stack(stack, keys, x, s, config, matrix_batch))(inputs, stats)
-  finite = jnp.all(jnp.isfinite(edited[:count]), axis=(2, 3))
-  return tuple(tuple(e) for e in edited[:count]), finite
+      lambda x, s: edit_stack(stack, keys, x, s, config, matrix_batch))(inputs, stats)[:count]
+  return tuple(tuple(e) for e in edited), jnp.all(jnp.isfinite(edited), axis=(2, 3))
 
 
 def edit_sets(kernels: Mapping[str, jax.Array], sets: Sequence[ConceptInputs],
@@ -109,13 +108,10 @@ def edit_sets(kernels: Mapping[str, jax.Array], sets: Sequence[ConceptInputs],
   if mesh is not None:
     batched = sharding.shard_sets(batched, mesh)
 
-  groups: dict[tuple, list[str]] = {}
-  for name, kernel in kernels.items():
-    groups.setdefault((kernel.shape, kernel.dtype), []).append(name)
   stats_by_dtype = {}
   out: list[dict[str, jax.Array]] = [{} for _ in range(count)]
   finite = []
-  for (_, dtype), names in groups.items():
+  for (_, dtype), names in _shape_groups(kernels).items():
     ct = compute_dtype(dtype)
     if ct not in stats_by_dtype:
       stats_by_dtype[ct] = _set_statistics(batched, config, ct)
@@ -128,9 +124,7 @@ def edit_sets(kernels: Mapping[str, jax.Array], sets: Sequence[ConceptInputs],
     for result, per_set in zip(out, edited):
       result.update(zip(names, per_set))
     finite.append((names, ok))
-  flags = jax.device_get([ok for _, ok in finite])  # the one sync
-  bad = sorted({n for (names, _), ok in zip(finite, flags)
-                for row in ok for n, good in zip(names, row) if not good})
+  bad = sorted(_nonfinite_names(finite))
   if bad:
     raise NonFiniteWeightsError(
         f"the edit produced non-finite weights for {len(bad)} matrices: {bad[:5]}")
