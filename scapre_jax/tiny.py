@@ -216,20 +216,28 @@ def _torch_weights(part: str, config: dict[str, Any], seed: int) -> dict[str, np
   with the JAX version. Biases and norm scales get noise (Flax would give 0
   and 1), so a misplaced bias or scale shows up in the parity tests.
   """
-  shapes = convert.flatten(models.abstract_params(part, config))
   rng = np.random.default_rng([seed, list(models.PARTS).index(part)])
+  params = random_params(part, config, rng)
+  return models.PARTS[part].layout.to_torch(params, models.abstract_params(part, config))
+
+
+def random_params(part: str, config: dict[str, Any], rng: np.random.Generator, *,
+                  other_std: float = 0.1) -> dict[str, Any]:
+  """Random float32 Flax params of `part` (numpy arrays), drawn from `rng` in
+  the order of the flattened abstract params: kernels N(0, 1/fan_in),
+  embeddings N(0, 0.02^2), norm scales N(1, other_std^2), the rest
+  N(0, other_std^2)."""
   flat = {}
-  for path, spec in shapes.items():
+  for path, spec in convert.flatten(models.abstract_params(part, config)).items():
     leaf, shape = path.rsplit("/", 1)[-1], tuple(spec.shape)
     if leaf == "kernel":  # (..., d_in, d_out): lecun scale 1/sqrt(fan_in)
       std, mean = 1.0 / np.sqrt(np.prod(shape[:-1])), 0.0
     elif leaf == "embedding":
       std, mean = 0.02, 0.0
     else:
-      std, mean = 0.1, 1.0 if leaf == "scale" else 0.0
+      std, mean = other_std, 1.0 if leaf == "scale" else 0.0
     flat[path] = (mean + std * rng.standard_normal(shape)).astype(np.float32)
-  params = convert.unflatten(flat)
-  return models.PARTS[part].layout.to_torch(params, models.abstract_params(part, config))
+  return convert.unflatten(flat)
 
 
 def _json(path: pathlib.Path, obj: Any) -> None:

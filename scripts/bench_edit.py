@@ -122,18 +122,8 @@ def build_model(shapes_name: str, seed: int) -> BenchModel:
     config = json.loads((root / "text_encoder" / "config.json").read_text())
   config.update(shapes.text)
   abstract = models.abstract_params("text_encoder", config)
-  rng = np.random.default_rng([seed, 1])
-  flat = {}
-  for path, spec in convert.flatten(abstract).items():
-    leaf, shape = path.rsplit("/", 1)[-1], tuple(spec.shape)
-    if leaf == "kernel":
-      std, mean = 1 / np.sqrt(np.prod(shape[:-1])), 0.0
-    elif leaf == "embedding":
-      std, mean = 0.02, 0.0
-    else:
-      std, mean = 0.02, 1.0 if leaf == "scale" else 0.0
-    flat[path] = (mean + std * rng.standard_normal(shape)).astype(np.float32)
-  params = convert.unflatten(flat)
+  params = tiny.random_params("text_encoder", config, np.random.default_rng([seed, 1]),
+                              other_std=0.02)
   torch_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(config))
   state = convert.CLIP_TEXT.to_torch(params, abstract)
   torch_encoder.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
@@ -234,12 +224,9 @@ def timed(fn, *args, **kwargs):
 
 
 def shape_groups(kernels, key):
-  """Matrices of one shape stacked, as `edit_projections` groups them."""
-  groups: dict[tuple, list[str]] = {}
-  for name, kernel in kernels.items():
-    groups.setdefault(tuple(kernel.shape), []).append(name)
+  """(kernels, keys) of each group, as `edit_projections` groups them."""
   return [(tuple(kernels[n] for n in names), edit.matrix_keys(key, names))
-          for names in groups.values()]
+          for names in edit._shape_groups(kernels).values()]
 
 
 def temp_memory_gib(groups, inputs, config, matrix_batch) -> list[float]:
@@ -319,7 +306,7 @@ def over_matrices(fn, xs, matrix_batch):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
-def _probe_noise(stack, keys, inputs, config, matrix_batch):
+def _probe_noise(keys, inputs, config, matrix_batch):
   return over_matrices(lambda key: probes.draw_probe_noise(
       key, inputs.num_concepts, inputs.d_in, num_pos=config.mi_num_pos,
       entropy_samples=config.entropy_samples), (keys,), matrix_batch)
@@ -425,7 +412,7 @@ def profile_ours(groups, inputs, stats, config, matrix_batch):
   for kernels, keys in groups:
     stack = jnp.stack(kernels)
     count, d_in, d_out = stack.shape
-    noise = add("probe_noise", _probe_noise, stack, keys, inputs, config)
+    noise = add("probe_noise", _probe_noise, keys, inputs, config)
     if config.mi_mask:
       weights = add("mi_mask", _mi_masks, stack, noise, inputs, config)
     else:
