@@ -387,7 +387,7 @@ def solve_problem(stack, stats, config):
   return grams, rhs, jnp.full((count, d_out), eta, jnp.float32)
 
 
-def profile_ours(groups, inputs, stats, config, matrix_batch):
+def profile_ours(groups, inputs, stats, config, matrix_batch, *, over_sets=False):
   """Seconds of each piece of the per-matrix edit, summed over shape groups.
 
   Each piece is its own compiled program (first call discarded), batched over
@@ -395,36 +395,56 @@ def profile_ours(groups, inputs, stats, config, matrix_batch):
   `ours_solve_s`. `linear_solve` is the engine's step 6 (Woodbury while
   2 rank <= d_in, else two eigh); `solve_two_eigh` times the two-eigh form
   for comparison.
+
+  With `over_sets`, `inputs` and `stats` carry a leading sets axis (`sets.stack_sets`,
+  `sets._set_statistics`) and every piece that depends on the concepts is
+  vmapped over it, as `edit_sets` runs it; the probe noise does not depend on
+  the set (every set uses the same key) and runs once. Comparing K = 1 with
+  K = 8 shows which pieces make up the cost of each further set.
   """
   parts: dict[str, float] = {}
 
-  def add(name, fn, *args):
+  def add(name, fn, *args, set_axes=None, **static):
     log(f"profile: {name}")
-    fn(*args, matrix_batch=matrix_batch)  # compile
+    piece = functools.partial(fn, matrix_batch=matrix_batch, **static)
+    if over_sets and set_axes is not None:
+      piece = jax.jit(jax.vmap(piece, in_axes=set_axes))
+    piece(*args)  # compile
     seconds = []
     for _ in range(3):  # the fastest of three: a piece is short, a hiccup is not
-      t, out = timed(fn, *args, matrix_batch=matrix_batch)
+      t, out = timed(piece, *args)
       seconds.append(t)
     parts[name] = parts.get(name, 0.0) + min(seconds)
     return out
 
-  projector = projector_of(stats)
+  problem = lambda stack, s: solve_problem(stack, s, config)
+  if over_sets:
+    add("statistics", lambda x, matrix_batch: sets._set_statistics(
+        x, config, jnp.float32), inputs)
   for kernels, keys in groups:
     stack = jnp.stack(kernels)
     count, d_in, d_out = stack.shape
-    noise = add("probe_noise", _probe_noise, keys, inputs, config)
+    # The noise has the shapes of one set; every set draws the same.
+    one_set = jax.tree.map(lambda x: x[0], inputs) if over_sets else inputs
+    noise = add("probe_noise", _probe_noise, keys, one_set, config=config)
     if config.mi_mask:
-      weights = add("mi_mask", _mi_masks, stack, noise, inputs, config)
+      weights = add("mi_mask", _mi_masks, stack, noise, inputs, config=config,
+                    set_axes=(None, None, 0))
     else:
-      weights = jnp.ones((count, inputs.num_concepts, d_out), jnp.float32)
-    add("entropy", _entropy, stack, noise, inputs, config)
-    add("target_values", _values, stack, weights, inputs, config)
-    grams, rhs, alpha = solve_problem(stack, stats, config)
-    solved = add("linear_solve", _linear_solve, grams, stats, rhs, alpha)
-    add("eigh", _eigh, grams)
-    add("cholesky", _cholesky, grams)
-    add("solve_two_eigh", _two_eigh, grams, projector, rhs, alpha)
-    add("bures", _bures, stack, solved)
+      weights = jnp.ones((count, one_set.num_concepts, d_out), jnp.float32)
+      if over_sets:
+        weights = jnp.broadcast_to(weights, (inputs.concept_vecs.shape[0],) + weights.shape)
+    add("entropy", _entropy, stack, noise, inputs, config=config, set_axes=(None, None, 0))
+    add("target_values", _values, stack, weights, inputs, config=config,
+        set_axes=(None, 0, 0))
+    grams, rhs, alpha = (jax.vmap(problem, in_axes=(None, 0))(stack, stats) if over_sets
+                         else problem(stack, stats))
+    solved = add("linear_solve", _linear_solve, grams, stats, rhs, alpha, set_axes=0)
+    add("eigh", _eigh, grams, set_axes=0)
+    add("cholesky", _cholesky, grams, set_axes=0)
+    if not over_sets:
+      add("solve_two_eigh", _two_eigh, grams, projector_of(stats), rhs, alpha)
+    add("bures", _bures, stack, solved, set_axes=(None, 0))
   return parts
 
 
@@ -688,8 +708,14 @@ def run_sets(args, n: int, num_sets: int) -> dict[str, Any]:
       "batched_sets_per_s": num_sets / batched_s,
       "sequential_sets_per_s": num_sets / sequential_s,
       "runs": runs, "peak_rss_mib": peak_rss_mib(), "device_peak_mib": device_peak_mib(),
-      "loadavg_end": os.getloadavg(),
   })
+  if args.profile and config.method == "scapre":
+    # Where the batched call's time goes, piece by piece, vmapped over the K sets.
+    stacked = sets.stack_sets(inputs)
+    record["batched_profile_s"] = profile_ours(
+        shape_groups(kernels, key), stacked, sets._set_statistics(stacked, config, jnp.float32),
+        config, edit.default_matrix_batch(args.matrix_batch), over_sets=True)
+  record["loadavg_end"] = os.getloadavg()
   return record
 
 

@@ -166,6 +166,14 @@ def tables(edits, sets) -> str:
           _fmt(r["speedup_batched"]) + "x", _fmt(r["batched_sets_per_s"], 3),
           _fmt(r["sequential_sets_per_s"], 3), _fmt(r["batched_compile_s"], 1),
           _fmt(r["peak_rss_mib"], 0), f"{r['max_abs_diff']:.1e}"]) + " |")
+    profiled = [r for r in sets if "batched_profile_s" in r]
+    if profiled:
+      parts = list(profiled[0]["batched_profile_s"])
+      lines += ["", "| N | K | " + " | ".join(p + " s" for p in parts) + " |",
+                "|" + "---|" * (len(parts) + 2)]
+      for r in profiled:
+        lines.append(f"| {r['concepts']} | {r['sets']} | " + " | ".join(
+            _fmt(r["batched_profile_s"].get(p), 3) for p in parts) + " |")
   return "\n".join(lines)
 
 

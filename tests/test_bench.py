@@ -41,6 +41,9 @@ def test_edit_and_sets_benchmarks_run(bench, tmp_path):
   assert two["sets"] == 2 and two["concepts"] == 2
   assert two["max_abs_diff"] < 1e-4
   assert two["batched_s"] > 0 and two["sequential_s"] > 0
+  profile = two["batched_profile_s"]  # each piece vmapped over the two sets
+  assert {"statistics", "mi_mask", "target_values", "linear_solve", "cholesky"} <= set(profile)
+  assert all(seconds > 0 for seconds in profile.values())
 
   plots = load_script("plot_benchmarks")
   written = plots.main([str(edit_json), str(sets_json), "--out", str(tmp_path), "--markdown"])
