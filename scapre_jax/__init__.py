@@ -7,7 +7,7 @@ and `scapre_jax.edit`; model loading and file writing in thin modules beside.
 from scapre_jax import metrics, sharding
 from scapre_jax._src.probes import ProbeNoise, draw_probe_noise, entropy_factor, mi_soft_mask
 from scapre_jax._src.solvers import (
-    bures_prox, egbr, solve_row_sylvester, solve_row_sylvester_lowrank, solve_spd_right)
+    bures_prox, egbr, solve_row_sylvester, solve_row_sylvester_woodbury, solve_spd_right)
 from scapre_jax._src.spectral import (
     ConceptBasis, ased_direction, concept_basis, concept_projector, projector_basis,
     residual_projector,

@@ -92,7 +92,7 @@ def concept_statistics(inputs: ConceptInputs, config: EditConfig, dtype=jnp.floa
     gate = spectral.spectral_gate(basis, temperature=config.spectral_temperature,
                                   power=config.spectral_power)
   if config.method == "scapre":
-    # Pi as a basis U_r: a low-rank solve needs U_r, the full one U_r U_r^T.
+    # Pi as its basis U_r (Pi = U_r U_r^T): the Woodbury solve works in it.
     stats["projector_basis"] = spectral.projector_basis(basis, rtol=config.projector_rtol)
     if config.ased:
       stats["ased"] = spectral.ased_direction(basis, gate)
@@ -175,12 +175,10 @@ def edit_weight(
 
 
 def solve_scapre_system(gram, basis, rhs, alpha):
-  """w_i (G + alpha_i U U^T) = b_i: Woodbury while rank k <= d_in / 2 (few
-  concepts), else the two-eigendecomposition closed form. Both are exact."""
-  if 2 * basis.shape[1] <= basis.shape[0]:
-    return solvers.solve_row_sylvester_lowrank(gram, basis, rhs, alpha)
-  projector = targets.einsum("ik,jk->ij", basis, basis)
-  return solvers.solve_row_sylvester(gram, projector, rhs, alpha)
+  """w_i (G + alpha_i U U^T) = b_i: one Cholesky factorisation of G and
+  Woodbury in the concept basis U, at every rank (see
+  `solvers.solve_row_sylvester_woodbury` for why not two eigendecompositions)."""
+  return solvers.solve_row_sylvester_woodbury(gram, basis, rhs, alpha)
 
 
 def edit_stack(kernels: Array, keys: Array, inputs: ConceptInputs, stats: dict[str, Array],
