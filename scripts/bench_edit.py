@@ -392,9 +392,8 @@ def profile_ours(groups, inputs, stats, config, matrix_batch, *, over_sets=False
 
   Each piece is its own compiled program (first call discarded), batched over
   matrices as the engine batches them, so the sum can differ from the fused
-  `ours_solve_s`. `linear_solve` is the engine's step 6 (Woodbury while
-  2 rank <= d_in, else two eigh); `solve_two_eigh` times the two-eigh form
-  for comparison.
+  `ours_solve_s`. `linear_solve` is the engine's step 6 (Cholesky and
+  Woodbury); `solve_two_eigh` times the two-eigh closed form for comparison.
 
   With `over_sets`, `inputs` and `stats` carry a leading sets axis (`sets.stack_sets`,
   `sets._set_statistics`) and every piece that depends on the concepts is

@@ -117,6 +117,22 @@ def _fmt(value, digits=2) -> str:
   return f"{value:.{digits}f}"
 
 
+def _profile_table(records, field: str, keys: tuple[str, ...]) -> list[str]:
+  """Markdown lines of the per-piece seconds in `field`, one row per record
+  that has them, led by the `keys` columns (N, K)."""
+  profiled = [r for r in records if field in r]
+  if not profiled:
+    return []
+  parts = list(profiled[0][field])
+  names = {"concepts": "N", "sets": "K"}
+  lines = ["", "| " + " | ".join([names[k] for k in keys] + [p + " s" for p in parts]) + " |",
+           "|" + "---|" * (len(keys) + len(parts))]
+  for r in profiled:
+    lines.append("| " + " | ".join([str(r[k]) for k in keys]
+                                   + [_fmt(r[field].get(p), 3) for p in parts]) + " |")
+  return lines
+
+
 def tables(edits, sets) -> str:
   lines = []
   if edits:
@@ -140,14 +156,7 @@ def tables(edits, sets) -> str:
           _fmt(r.get("speedup_linear_solve"), 1)
           + ("x" if "speedup_linear_solve" in r else ""),
       ]) + " |")
-    profiled = [r for r in edits if "ours_profile_s" in r]
-    if profiled:
-      parts = list(profiled[0]["ours_profile_s"])
-      lines += ["", "| N | " + " | ".join(p + " s" for p in parts) + " |",
-                "|" + "---|" * (len(parts) + 1)]
-      for r in profiled:
-        lines.append(f"| {r['concepts']} | " + " | ".join(
-            _fmt(r["ours_profile_s"].get(p), 3) for p in parts) + " |")
+    lines += _profile_table(edits, "ours_profile_s", ("concepts",))
     referenced = [r for r in edits if "reference_phases_s" in r]
     if referenced:
       parts = list(referenced[0]["reference_phases_s"])
@@ -166,14 +175,7 @@ def tables(edits, sets) -> str:
           _fmt(r["speedup_batched"]) + "x", _fmt(r["batched_sets_per_s"], 3),
           _fmt(r["sequential_sets_per_s"], 3), _fmt(r["batched_compile_s"], 1),
           _fmt(r["peak_rss_mib"], 0), f"{r['max_abs_diff']:.1e}"]) + " |")
-    profiled = [r for r in sets if "batched_profile_s" in r]
-    if profiled:
-      parts = list(profiled[0]["batched_profile_s"])
-      lines += ["", "| N | K | " + " | ".join(p + " s" for p in parts) + " |",
-                "|" + "---|" * (len(parts) + 2)]
-      for r in profiled:
-        lines.append(f"| {r['concepts']} | {r['sets']} | " + " | ".join(
-            _fmt(r["batched_profile_s"].get(p), 3) for p in parts) + " |")
+    lines += _profile_table(sets, "batched_profile_s", ("concepts", "sets"))
   return "\n".join(lines)
 
 

@@ -23,7 +23,8 @@ Forms:
   matrix products, which is what a GPU batches well; this script measures
   what it costs in accuracy.
 
-  python scripts/solver_accuracy.py --concepts 10 50 --json benchmarks/cpu/solver_accuracy.json
+  python scripts/solver_accuracy.py --concepts 10 50 500 1000 \
+      --json benchmarks/cpu/solver_accuracy.json
 """
 
 from __future__ import annotations
