@@ -3,7 +3,8 @@
 ALGORITHM.md step 6: w_i (G + alpha_i Pi) = b_i. The system is built as the
 engine builds it, from the statistics of N concepts encoded by the
 benchmark's CLIP-L-sized text encoder (`scripts/bench_edit.py`), the first
-320-wide to_k matrix, mu = --mu and alpha_i drawn from 8 levels in (0, eta].
+of the narrowest to_k matrices (320 wide on SD 1.5), mu = --mu and alpha_i
+drawn from 8 levels in (0, eta].
 Each form runs in float32 on the same float32 inputs and is compared with
 float64 solves of those inputs, one `numpy.linalg.solve` per alpha level;
 the error is max |got - exact| / max |exact|.
@@ -90,7 +91,8 @@ def measure(model, kernels, n: int, mu: float, seed: int) -> dict:
   u = basis.u.astype(jnp.float32)
   u_kept = stats["projector_basis"]
   keep = jnp.any(u_kept != 0, axis=0)
-  name = next(k for k in kernels if kernels[k].shape[1] == 320 and "/to_k/" in k)
+  width = min(k.shape[1] for k in kernels.values())  # 320 on SD 1.5
+  name = next(k for k in kernels if kernels[k].shape[1] == width and "/to_k/" in k)
   weight = jnp.asarray(kernels[name]).T
   eta, lamb = config.erase_scale, config.lamb
   d_in = weight.shape[1]

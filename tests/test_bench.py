@@ -58,3 +58,22 @@ def test_help_lists_the_options(bench, capsys):
   out = capsys.readouterr().out
   for option in ("--concepts", "--sets", "--preset", "--json"):
     assert option in out
+
+
+def test_solver_accuracy_script(tmp_path):
+  # Tiny shapes (context 32): 20 concepts put the projector's rank past
+  # d_in / 2, where the engine once switched to two eigendecompositions.
+  accuracy = load_script("solver_accuracy")
+  out = tmp_path / "accuracy.json"
+  results = accuracy.main(["--shapes", "tiny", "--concepts", "3", "20", "--json", str(out)])
+  assert [r["concepts"] for r in results] == [3, 20]
+  assert results[1]["rank"] > 16
+  for r in results:
+    errors = r["rel_error_f32"]
+    assert set(errors) == set(accuracy.FORMS)
+    # Every form solves the same system; the engine's is Woodbury and as
+    # accurate as one Cholesky per row.
+    assert errors["engine"] == errors["woodbury"]
+    assert errors["engine"] <= 2 * errors["released"] + 1e-5
+    assert max(errors.values()) < 0.5
+  assert json.loads(out.read_text())["results"][1]["rank"] == results[1]["rank"]
