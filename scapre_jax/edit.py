@@ -158,9 +158,7 @@ def edit_weight(
   spread = jnp.clip(1 - entropy(), 0, 1)  # h
   mu = jnp.mean(spread)
   lam_prox = config.lamb + mu
-  gram = lam_prox * eye + stats["cct"] + eta * stats["xx"] + preserve
-  if config.ased:
-    gram = gram + mu * stats["ased"]
+  gram = scapre_gram(stats, config, mu)
   rhs = lam_prox * weight + value_sum + targets.matmul(weight, preserve)
   if use_mask:
     alpha = eta * jnp.max(row_weights, axis=0)
@@ -172,6 +170,18 @@ def edit_weight(
   if config.egbr:
     edited = solvers.egbr(weight, edited, spread)
   return edited
+
+
+def scapre_gram(stats: dict[str, Array], config: EditConfig, mu) -> Array:
+  """G of large-scale step 5 for entropy mean `mu` (a scalar, or any shape
+  that broadcasts against (d_in, d_in)):
+  (lambda + mu) I + R + CCt + eta S + preserve, with R = mu ASED when on."""
+  cct = stats["cct"]
+  eye = jnp.eye(cct.shape[-1], dtype=cct.dtype)
+  gram = (config.lamb + mu) * eye + cct + config.erase_scale * stats["xx"] + stats["preserve"]
+  if config.ased:
+    gram = gram + mu * stats["ased"]
+  return gram
 
 
 def solve_scapre_system(gram, basis, rhs, alpha):

@@ -379,12 +379,10 @@ def _bures(stack, solved, matrix_batch):
 def solve_problem(stack, stats, config):
   """Step-6 inputs from real statistics, one mu per matrix as in the engine."""
   count, d_in, d_out = stack.shape
-  eta = config.erase_scale
   mu = 0.2 + 0.01 * jnp.arange(count, dtype=jnp.float32)[:, None, None]
-  grams = ((config.lamb + mu) * jnp.eye(d_in) + stats["cct"] + eta * stats["xx"]
-           + stats.get("ased", 0.0) * mu)
   rhs = jnp.swapaxes(stack, 1, 2) * (config.lamb + 0.2)
-  return grams, rhs, jnp.full((count, d_out), eta, jnp.float32)
+  return (edit.scapre_gram(stats, config, mu), rhs,
+          jnp.full((count, d_out), config.erase_scale, jnp.float32))
 
 
 def profile_ours(groups, inputs, stats, config, matrix_batch, *, over_sets=False):
@@ -420,11 +418,11 @@ def profile_ours(groups, inputs, stats, config, matrix_batch, *, over_sets=False
   if over_sets:
     add("statistics", lambda x, matrix_batch: sets._set_statistics(
         x, config, jnp.float32), inputs)
+  # The noise has the shapes of one set; every set draws the same.
+  one_set = jax.tree.map(lambda x: x[0], inputs) if over_sets else inputs
   for kernels, keys in groups:
     stack = jnp.stack(kernels)
     count, d_in, d_out = stack.shape
-    # The noise has the shapes of one set; every set draws the same.
-    one_set = jax.tree.map(lambda x: x[0], inputs) if over_sets else inputs
     noise = add("probe_noise", _probe_noise, keys, one_set, config=config)
     if config.mi_mask:
       weights = add("mi_mask", _mi_masks, stack, noise, inputs, config=config,

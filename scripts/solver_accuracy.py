@@ -95,10 +95,8 @@ def measure(model, kernels, n: int, mu: float, seed: int) -> dict:
   name = next(k for k in kernels if kernels[k].shape[1] == width and "/to_k/" in k)
   weight = jnp.asarray(kernels[name]).T
   eta, lamb = config.erase_scale, config.lamb
-  d_in = weight.shape[1]
-  eye = jnp.eye(d_in, dtype=jnp.float32)
-  shared = lamb * eye + stats["cct"] + eta * stats["xx"] + stats["preserve"]
-  gram = shared + mu * eye + mu * stats["ased"]
+  shared = edit.scapre_gram(stats, config, 0.0)  # A: the part without mu
+  gram = edit.scapre_gram(stats, config, mu)
   rhs = (lamb + mu) * weight + eta * matmul(weight, stats["yx"])
   rng = np.random.default_rng(seed)
   levels = np.linspace(eta / 8, eta, 8, dtype=np.float32)
