@@ -1,17 +1,22 @@
-"""The ScaPre edit of cross-attention key/value projections.
+"""The closed-form edit of cross-attention key/value projections.
 
-Data flow: `ConceptInputs` -> `concept_statistics` (text-side sums and the
-spectral basis, once per call) -> `edit_weight` (per matrix: probes, solve,
-proximal step) -> edited kernels. Kernels come in Flax orientation
-(d_in, d_out); the math runs on W = kernel.T as in ALGORITHM.md, in float32,
-or float64 where the kernel is float64.
+Data flow: `ConceptInputs` -> `concept_statistics` (the text-side sums the
+method needs, once per call, as a typed pytree) -> one function per method
+(`edit_scapre`, `edit_small`, `edit_uce`: probes, solve, proximal step) ->
+edited kernels. `edit_in_shape_groups` is the one loop that groups kernels
+by shape, dispatches one compiled call per group and checks the results, for
+`edit_projections` here and `sets.edit_sets`. Kernels come in Flax
+orientation (d_in, d_out); the math runs on W = kernel.T as in
+docs/algorithm.md, in float32, or float64 where the kernel is float64.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -64,107 +69,188 @@ def _cast(inputs: ConceptInputs, dtype) -> ConceptInputs:
       lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, inputs)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def concept_statistics(inputs: ConceptInputs, config: EditConfig, dtype=jnp.float32
-                       ) -> dict[str, Array]:
-  """Every text-side term shared by all matrices of the same context width.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class UCEStatistics:
+  """Text-side sums of the UCE solve, shared by every matrix of one width
+  (docs/algorithm.md "Per-matrix terms", "UCE baseline"); each (d_in, d_in).
 
-  Returns a dict of (d_in, d_in) matrices: `xx` = sum_j X_j^T X_j, `cct` =
-  C^T C, `preserve` = gamma sum_k P_k^T P_k, and as the method needs them
-  `yx` = sum_j Y_j^T X_j, `projector_basis` (U_r, Pi = U_r U_r^T), `ased` (U diag(1 - gate) U^T) and
-  `residual` (C_res C_res^T).
+  Attributes:
+    xx: S = sum_j X_j^T X_j.
+    preserve: Q = gamma sum_k P_k^T P_k.
+    yx: sum_j Y_j^T X_j (technique "replace"; None for "tensor", whose
+      targets need W).
   """
-  inputs = _cast(inputs, dtype)
+
+  xx: Array
+  preserve: Array
+  yx: Array | None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SmallStatistics(UCEStatistics):
+  """The UCE sums plus C^T C and, with the released --svd, the spectral
+  residual C_res C_res^T (docs/algorithm.md "Small-scale solver")."""
+
+  cct: Array
+  residual: Array | None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ScaPreStatistics(UCEStatistics):
+  """The UCE sums plus C^T C, the projector basis U_r (Pi = U_r U_r^T) and,
+  with ASED on, U diag(1 - gate) U^T (docs/algorithm.md "Large-scale solver")."""
+
+  cct: Array
+  projector_basis: Array
+  ased: Array | None
+
+
+def _shared_sums(inputs: ConceptInputs, config: EditConfig) -> dict[str, Array | None]:
   mask = inputs.seq_mask & inputs.concept_mask[:, None]
+  return dict(
+      xx=targets.cross_covariance(inputs.old_seqs, inputs.old_seqs, mask),
+      preserve=preserve_scale(config, inputs).astype(inputs.old_seqs.dtype)
+      * targets.cross_covariance(inputs.preserve_seqs, inputs.preserve_seqs,
+                                 inputs.preserve_mask),
+      yx=(targets.cross_covariance(inputs.new_seqs, inputs.old_seqs, mask)
+          if config.technique == "replace" else None))
+
+
+def _cct(inputs: ConceptInputs) -> Array:
   vecs = jnp.where(inputs.concept_mask[:, None], inputs.concept_vecs, 0)
-  stats = {
-      "xx": targets.cross_covariance(inputs.old_seqs, inputs.old_seqs, mask),
-      "cct": targets.matmul(vecs.T, vecs),
-      "preserve": preserve_scale(config, inputs).astype(dtype) * targets.cross_covariance(
-          inputs.preserve_seqs, inputs.preserve_seqs, inputs.preserve_mask),
-  }
-  if config.technique == "replace":
-    stats["yx"] = targets.cross_covariance(inputs.new_seqs, inputs.old_seqs, mask)
-  needs_basis = config.method == "scapre" or (
-      config.method == "scapre-small" and config.spectral_residual)
-  if needs_basis:
-    basis = spectral.concept_basis(inputs.concept_vecs, inputs.concept_mask)
-    gate = spectral.spectral_gate(basis, temperature=config.spectral_temperature,
-                                  power=config.spectral_power)
-  if config.method == "scapre":
-    # Pi as its basis U_r (Pi = U_r U_r^T): the Woodbury solve works in it.
-    stats["projector_basis"] = spectral.projector_basis(basis, rtol=config.projector_rtol)
-    if config.ased:
-      stats["ased"] = spectral.ased_direction(basis, gate)
-  if config.method == "scapre-small" and config.spectral_residual:
-    stats["residual"] = spectral.residual_projector(
+  return targets.matmul(vecs.T, vecs)
+
+
+def _basis_and_gate(inputs: ConceptInputs, config: EditConfig):
+  basis = spectral.concept_basis(inputs.concept_vecs, inputs.concept_mask)
+  gate = spectral.spectral_gate(basis, temperature=config.spectral_temperature,
+                                power=config.spectral_power)
+  return basis, gate
+
+
+def uce_statistics(inputs: ConceptInputs, config: EditConfig) -> UCEStatistics:
+  return UCEStatistics(**_shared_sums(inputs, config))
+
+
+def small_statistics(inputs: ConceptInputs, config: EditConfig) -> SmallStatistics:
+  residual = None
+  if config.spectral_residual:
+    basis, gate = _basis_and_gate(inputs, config)
+    residual = spectral.residual_projector(
         basis, inputs.concept_vecs, inputs.concept_mask, gate)
-  return stats
+  return SmallStatistics(**_shared_sums(inputs, config), cct=_cct(inputs), residual=residual)
 
 
-def edit_weight(
-    weight: Float[Array, "d_out d_in"],
-    inputs: ConceptInputs,
-    stats: dict[str, Array],
-    key: Array,
-    config: EditConfig,
-) -> Float[Array, "d_out d_in"]:
-  """One edited matrix W' (PyTorch orientation) for the configured method."""
-  dtype = weight.dtype
-  inputs = _cast(inputs, dtype)
-  eta = config.erase_scale
-  eye = jnp.eye(weight.shape[1], dtype=dtype)
-  mask = inputs.seq_mask & inputs.concept_mask[:, None]
-  noise = probes.draw_probe_noise(
+def scapre_statistics(inputs: ConceptInputs, config: EditConfig) -> ScaPreStatistics:
+  basis, gate = _basis_and_gate(inputs, config)
+  return ScaPreStatistics(
+      **_shared_sums(inputs, config), cct=_cct(inputs),
+      # Pi as its basis U_r (Pi = U_r U_r^T): the Woodbury solve works in it.
+      projector_basis=spectral.projector_basis(basis, rtol=config.projector_rtol),
+      ased=spectral.ased_direction(basis, gate) if config.ased else None)
+
+
+Statistics = UCEStatistics | SmallStatistics | ScaPreStatistics
+
+
+def probe_noise(key: Array, inputs: ConceptInputs, config: EditConfig,
+                dtype=jnp.float32) -> probes.ProbeNoise:
+  """The probe noise of one matrix (docs/algorithm.md "Probe noise")."""
+  return probes.draw_probe_noise(
       key, inputs.num_concepts, inputs.d_in, num_pos=config.mi_num_pos,
       entropy_samples=config.entropy_samples, dtype=dtype)
-  use_mask = config.mi_mask and config.method != "uce"
-  if use_mask:
-    row_weights = probes.mi_soft_mask(
-        weight, inputs.concept_vecs, inputs.empty_vec, noise.mi_pos, noise.mi_neg,
-        inputs.concept_mask, sigma=config.noise_sigma,
-        temperature=config.mi_temperature, power=config.p, mode=config.mi_mode)
-  if config.technique == "replace" and not use_mask:
+
+
+def row_weights(weight, inputs: ConceptInputs, noise: probes.ProbeNoise,
+                 config: EditConfig) -> Array | None:
+  """r_j of every concept (docs/algorithm.md "MI soft mask"), or None when
+  the mask is off."""
+  if not config.mi_mask:
+    return None
+  return probes.mi_soft_mask(
+      weight, inputs.concept_vecs, inputs.empty_vec, noise.mi_pos, noise.mi_neg,
+      inputs.concept_mask, sigma=config.noise_sigma,
+      temperature=config.mi_temperature, power=config.p, mode=config.mi_mode)
+
+
+def value_sum(weight, inputs: ConceptInputs, stats: UCEStatistics, row_weights,
+               config: EditConfig) -> Array:
+  """V = eta sum_j diag(r_j) A_j; r_j = 1 when `row_weights` is None."""
+  eta = config.erase_scale
+  if config.technique == "replace" and row_weights is None:
     # A_j = W Y_j^T X_j, so with r_j = 1 the sum needs only sum_j Y_j^T X_j.
-    value_sum = eta * (targets.matmul(weight, stats["yx"]))
-  else:
-    values = targets.target_values(weight, inputs.old_seqs, inputs.new_seqs, mask,
-                                   technique=config.technique)
-    if not use_mask:
-      row_weights = jnp.broadcast_to(inputs.concept_mask[:, None],
-                                     values.shape[::2]).astype(dtype)
-    value_sum = eta * targets.weighted_value_sum(row_weights, values, inputs.old_seqs)
-  preserve = stats["preserve"]
+    return eta * (targets.matmul(weight, stats.yx))
+  mask = inputs.seq_mask & inputs.concept_mask[:, None]
+  values = targets.target_values(weight, inputs.old_seqs, inputs.new_seqs, mask,
+                                 technique=config.technique)
+  if row_weights is None:
+    row_weights = jnp.broadcast_to(inputs.concept_mask[:, None],
+                                   values.shape[::2]).astype(weight.dtype)
+  return eta * targets.weighted_value_sum(row_weights, values, inputs.old_seqs)
 
-  if config.method == "uce":
-    return solvers.solve_spd_right(
-        config.lamb * weight + value_sum + targets.matmul(weight, preserve),
-        config.lamb * eye + eta * stats["xx"] + preserve)
 
-  entropy = lambda: probes.entropy_factor(
+def row_entropy(weight, inputs: ConceptInputs, noise: probes.ProbeNoise,
+                config: EditConfig) -> Array:
+  """e of every row (docs/algorithm.md "Entropy factor")."""
+  return probes.entropy_factor(
       weight, inputs.concept_vecs, noise.entropy, inputs.concept_mask,
       sigma=config.noise_sigma, bins=config.entropy_bins)
 
-  if config.method == "scapre-small":
-    lhs = config.lamb * weight + value_sum + targets.matmul(weight, preserve)
-    if config.spectral_residual:
-      eta_res = eta if config.residual_scale is None else config.residual_scale
-      lhs = lhs - eta_res * (targets.matmul(weight, stats["residual"]))
-    solved = solvers.solve_spd_right(
-        lhs, config.lamb * eye + stats["cct"] + eta * stats["xx"] + preserve)
-    keep = (config.alpha_min + (1 - config.alpha_min) * entropy())[:, None]
-    return keep * solved + (1 - keep) * weight
 
-  spread = jnp.clip(1 - entropy(), 0, 1)  # h
+def edit_uce(weight: Float[Array, "d_out d_in"], inputs: ConceptInputs,
+             stats: UCEStatistics, key: Array, config: EditConfig
+             ) -> Float[Array, "d_out d_in"]:
+  """docs/algorithm.md "UCE baseline": (lambda W + V + W Q)(lambda I + eta S + Q)^{-1}.
+  No probes (the MI mask setting is ignored); `key` is unused."""
+  del key
+  eye = jnp.eye(weight.shape[1], dtype=weight.dtype)
+  values = value_sum(weight, inputs, stats, None, config)
+  return solvers.solve_spd_right(
+      config.lamb * weight + values + targets.matmul(weight, stats.preserve),
+      config.lamb * eye + config.erase_scale * stats.xx + stats.preserve)
+
+
+def edit_small(weight: Float[Array, "d_out d_in"], inputs: ConceptInputs,
+               stats: SmallStatistics, key: Array, config: EditConfig
+               ) -> Float[Array, "d_out d_in"]:
+  """docs/algorithm.md "Small-scale solver": one solve, entropy rollback."""
+  eta = config.erase_scale
+  eye = jnp.eye(weight.shape[1], dtype=weight.dtype)
+  noise = probe_noise(key, inputs, config, weight.dtype)
+  weights = row_weights(weight, inputs, noise, config)
+  values = value_sum(weight, inputs, stats, weights, config)
+  lhs = config.lamb * weight + values + targets.matmul(weight, stats.preserve)
+  if config.spectral_residual:
+    eta_res = eta if config.residual_scale is None else config.residual_scale
+    lhs = lhs - eta_res * (targets.matmul(weight, stats.residual))
+  solved = solvers.solve_spd_right(
+      lhs, config.lamb * eye + stats.cct + eta * stats.xx + stats.preserve)
+  keep = (config.alpha_min + (1 - config.alpha_min) * row_entropy(weight, inputs, noise, config)
+          )[:, None]
+  return keep * solved + (1 - keep) * weight
+
+
+def edit_scapre(weight: Float[Array, "d_out d_in"], inputs: ConceptInputs,
+                stats: ScaPreStatistics, key: Array, config: EditConfig
+                ) -> Float[Array, "d_out d_in"]:
+  """docs/algorithm.md "Large-scale solver", steps 1-8."""
+  eta = config.erase_scale
+  noise = probe_noise(key, inputs, config, weight.dtype)
+  weights = row_weights(weight, inputs, noise, config)
+  values = value_sum(weight, inputs, stats, weights, config)
+  spread = jnp.clip(1 - row_entropy(weight, inputs, noise, config), 0, 1)  # h
   mu = jnp.mean(spread)
   lam_prox = config.lamb + mu
   gram = scapre_gram(stats, config, mu)
-  rhs = lam_prox * weight + value_sum + targets.matmul(weight, preserve)
-  if use_mask:
-    alpha = eta * jnp.max(row_weights, axis=0)
+  rhs = lam_prox * weight + values + targets.matmul(weight, stats.preserve)
+  if weights is not None:
+    alpha = eta * jnp.max(weights, axis=0)
   else:
-    alpha = jnp.full(weight.shape[:1], eta, dtype)
-  solved = solve_scapre_system(gram, stats["projector_basis"], rhs, alpha)
+    alpha = jnp.full(weight.shape[:1], eta, weight.dtype)
+  solved = solve_scapre_system(gram, stats.projector_basis, rhs, alpha)
   edited = solvers.bures_prox(weight, solved, mu=mu, lam_prox=lam_prox,
                               iters=config.bures_iters)
   if config.egbr:
@@ -172,15 +258,54 @@ def edit_weight(
   return edited
 
 
-def scapre_gram(stats: dict[str, Array], config: EditConfig, mu) -> Array:
+@dataclasses.dataclass(frozen=True)
+class _Method:
+  statistics: Callable[[ConceptInputs, EditConfig], Statistics]
+  statistics_type: type
+  edit: Callable[..., Array]
+
+
+# One entry per `EditConfig.method`: its statistics builder and its edit.
+_METHODS: dict[str, _Method] = {
+    "scapre": _Method(scapre_statistics, ScaPreStatistics, edit_scapre),
+    "scapre-small": _Method(small_statistics, SmallStatistics, edit_small),
+    "uce": _Method(uce_statistics, UCEStatistics, edit_uce),
+}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def concept_statistics(inputs: ConceptInputs, config: EditConfig, dtype=jnp.float32
+                       ) -> Statistics:
+  """The text-side terms `config.method` needs, shared by every matrix of
+  one context width, computed in `dtype`."""
+  return _METHODS[config.method].statistics(_cast(inputs, dtype), config)
+
+
+def edit_weight(
+    weight: Float[Array, "d_out d_in"],
+    inputs: ConceptInputs,
+    stats: Statistics,
+    key: Array,
+    config: EditConfig,
+) -> Float[Array, "d_out d_in"]:
+  """One edited matrix W' (PyTorch orientation) by the configured method;
+  `stats` from `concept_statistics` with the same config."""
+  method = _METHODS[config.method]
+  if not isinstance(stats, method.statistics_type):
+    raise ValueError(
+        f"method {config.method!r} needs {method.statistics_type.__name__} (from "
+        f"concept_statistics with the same config), got {type(stats).__name__}")
+  return method.edit(weight, _cast(inputs, weight.dtype), stats, key, config)
+
+
+def scapre_gram(stats: ScaPreStatistics, config: EditConfig, mu) -> Array:
   """G of large-scale step 5 for entropy mean `mu` (a scalar, or any shape
   that broadcasts against (d_in, d_in)):
   (lambda + mu) I + R + CCt + eta S + preserve, with R = mu ASED when on."""
-  cct = stats["cct"]
-  eye = jnp.eye(cct.shape[-1], dtype=cct.dtype)
-  gram = (config.lamb + mu) * eye + cct + config.erase_scale * stats["xx"] + stats["preserve"]
+  eye = jnp.eye(stats.cct.shape[-1], dtype=stats.cct.dtype)
+  gram = (config.lamb + mu) * eye + stats.cct + config.erase_scale * stats.xx + stats.preserve
   if config.ased:
-    gram = gram + mu * stats["ased"]
+    gram = gram + mu * stats.ased
   return gram
 
 
@@ -191,7 +316,7 @@ def solve_scapre_system(gram, basis, rhs, alpha):
   return solvers.solve_row_sylvester_woodbury(gram, basis, rhs, alpha)
 
 
-def edit_stack(kernels: Array, keys: Array, inputs: ConceptInputs, stats: dict[str, Array],
+def edit_stack(kernels: Array, keys: Array, inputs: ConceptInputs, stats: Statistics,
                config: EditConfig, matrix_batch: int | None = None) -> Array:
   """`edit_weight` of every Flax kernel of a (n, d_in, d_out) stack: vmapped,
   or `lax.map` over `matrix_batch` matrices at a time (same results)."""
@@ -205,7 +330,7 @@ def edit_stack(kernels: Array, keys: Array, inputs: ConceptInputs, stats: dict[s
 
 
 @functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
-def _edit_kernel_stack(kernels, keys, inputs, stats, config, matrix_batch=None):
+def edit_kernel_stack(kernels, keys, inputs, stats, config, matrix_batch=None):
   """One compiled call per shape group: stacks the kernels, edits them and
   hands back each matrix and whether it is finite, so the host dispatches
   once and syncs once per group."""
@@ -229,7 +354,7 @@ def default_matrix_batch(matrix_batch: int | None) -> int | None:
   return 1 if jax.default_backend() == "cpu" else None
 
 
-def _shape_groups(kernels: Mapping[str, Array]) -> dict[tuple, list[str]]:
+def shape_groups(kernels: Mapping[str, Array]) -> dict[tuple, list[str]]:
   """Names of the kernels by (shape, dtype): one compiled call per group."""
   groups: dict[tuple, list[str]] = {}
   for name, kernel in kernels.items():
@@ -246,12 +371,6 @@ def _nonfinite_names(finite: list[tuple[list[str], Array]]) -> list[str]:
   return list(dict.fromkeys(bad))
 
 
-def _check_config(config) -> None:
-  if not isinstance(config, EditConfig):
-    raise ValueError(f"config must be an EditConfig, got {type(config).__name__}")
-  config.validate()
-
-
 def _check_kernel(name: str, kernel, d_in: int) -> None:
   if kernel.ndim != 2:
     raise ValueError(f"kernel {name!r} must be 2-D (d_in, d_out), got shape {kernel.shape}")
@@ -263,16 +382,86 @@ def _check_kernel(name: str, kernel, d_in: int) -> None:
         f"encoded with width {d_in}; the text encoder does not match this model")
 
 
+def check_request(kernels: Mapping[str, Array], sets: Sequence[ConceptInputs],
+                  config: EditConfig) -> dict[str, Array]:
+  """The structural checks of every entry point, before any tracing: the
+  config, each concept set, and each kernel against the sets' text width.
+  Returns the kernels as arrays."""
+  if not isinstance(config, EditConfig):
+    raise ValueError(f"config must be an EditConfig, got {type(config).__name__}")
+  config.validate()
+  if not sets:
+    raise ValueError("no concept sets to edit")
+  for inputs in sets:
+    if not isinstance(inputs, ConceptInputs):
+      raise ValueError(f"inputs must be ConceptInputs, got {type(inputs).__name__}")
+    inputs.validate()
+  widths = sorted({inputs.d_in for inputs in sets})
+  if len(widths) != 1:
+    raise ValueError(f"all sets must be encoded with one text encoder; widths {widths}")
+  if not kernels:
+    raise ValueError("no kernels to edit")
+  kernels = {name: jnp.asarray(k) for name, k in kernels.items()}
+  for name, kernel in kernels.items():
+    _check_kernel(name, kernel, widths[0])
+  return kernels
+
+
+GroupEdit = Callable[[list[str], tuple[Array, ...], Statistics], tuple[Any, Array]]
+
+
+def edit_in_shape_groups(kernels: Mapping[str, Array], statistics: Callable[[Any], Statistics],
+                         edit_group: GroupEdit) -> list[tuple[list[str], Any]]:
+  """The loop of `edit_projections` and `sets.edit_sets`: for each group of
+  kernels of one shape and dtype, the text statistics of its compute dtype
+  (`statistics(dtype)`, built once per dtype) and one compiled call
+  `edit_group(names, kernels, stats) -> (edited, finite flags)`; then one
+  host sync for every group's flags.
+
+  Returns (names, edited) per group. Raises NonFiniteWeightsError naming the
+  matrices whose result is not finite.
+  """
+  stats_by_dtype: dict[Any, Statistics] = {}
+  results, finite = [], []
+  for (_, dtype), names in shape_groups(kernels).items():
+    ct = compute_dtype(dtype)
+    if ct not in stats_by_dtype:
+      stats_by_dtype[ct] = statistics(ct)
+    edited, ok = edit_group(names, tuple(kernels[n] for n in names), stats_by_dtype[ct])
+    results.append((names, edited))
+    finite.append((names, ok))
+  bad = _nonfinite_names(finite)
+  if bad:
+    raise NonFiniteWeightsError(
+        f"the edit produced non-finite weights for {len(bad)} matrices: {bad[:5]}; "
+        "check the inputs and settings (erase_scale, lamb, noise_sigma)")
+  return results
+
+
+def _edit_projections(kernels, inputs, config, keys_for, matrix_batch):
+  kernels = check_request(kernels, [inputs], config)
+  batch = default_matrix_batch(matrix_batch)
+
+  def edit_group(names, stack, stats):
+    return edit_kernel_stack(stack, keys_for(names), inputs, stats, config, batch)
+
+  results = edit_in_shape_groups(
+      kernels, lambda dtype: concept_statistics(inputs, config, dtype=dtype), edit_group)
+  edited = {name: e for names, group in results for name, e in zip(names, group)}
+  return {name: edited[name] for name in kernels}
+
+
 def edit_projection(kernel: Array, inputs: ConceptInputs, config: EditConfig, *,
                     key: Array) -> Array:
-  """Edits one Flax kernel (d_in, d_out); returns the same shape and dtype."""
-  return edit_projections({"kernel": kernel}, inputs, config, key=key,
-                          _keys={"kernel": key})["kernel"]
+  """Edits one Flax kernel (d_in, d_out) with probe key `key`; returns the
+  same shape and dtype."""
+  return _edit_projections({"kernel": kernel}, inputs, config,
+                           lambda names: jnp.stack([key]), None)["kernel"]
 
 
 def edit_projections(kernels: Mapping[str, Array], inputs: ConceptInputs,
-                     config: EditConfig, *, key: Array, matrix_batch: int | None = None,
-                     _keys: Mapping[str, Array] | None = None) -> dict[str, Array]:
+                     config: EditConfig, *, key: Array, matrix_batch: int | None = None
+                     ) -> dict[str, Array]:
   """Edits a dict of named Flax kernels; returns a dict with the same names.
 
   Matrices of one shape and dtype are solved together in one compiled call.
@@ -282,32 +471,5 @@ def edit_projections(kernels: Mapping[str, Array], inputs: ConceptInputs,
   changing results; None picks `default_matrix_batch`. Raises
   NonFiniteWeightsError if any result is not finite.
   """
-  _check_config(config)
-  if not isinstance(inputs, ConceptInputs):
-    raise ValueError(f"inputs must be ConceptInputs, got {type(inputs).__name__}")
-  inputs.validate()
-  if not kernels:
-    raise ValueError("no kernels to edit")
-  kernels = {name: jnp.asarray(k) for name, k in kernels.items()}
-  for name, kernel in kernels.items():
-    _check_kernel(name, kernel, inputs.d_in)
-
-  stats_by_dtype = {}
-  results, finite = {}, []
-  for (_, dtype), names in _shape_groups(kernels).items():
-    ct = compute_dtype(dtype)
-    if ct not in stats_by_dtype:
-      stats_by_dtype[ct] = concept_statistics(inputs, config, dtype=ct)
-    keys = (jnp.stack([_keys[n] for n in names]) if _keys is not None
-            else matrix_keys(key, names))
-    edited, ok = _edit_kernel_stack(
-        tuple(kernels[n] for n in names), keys, inputs, stats_by_dtype[ct], config,
-        default_matrix_batch(matrix_batch))
-    results.update(zip(names, edited))
-    finite.append((names, ok))
-  bad = _nonfinite_names(finite)
-  if bad:
-    raise NonFiniteWeightsError(
-        f"the edit produced non-finite weights for {len(bad)} matrices: {bad[:5]}; "
-        "check the inputs and settings (erase_scale, lamb, noise_sigma)")
-  return {name: results[name] for name in kernels}
+  return _edit_projections(kernels, inputs, config,
+                           lambda names: matrix_keys(key, names), matrix_batch)

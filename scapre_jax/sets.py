@@ -18,8 +18,8 @@ import numpy as np
 from scapre_jax import sharding
 from scapre_jax.config import EditConfig
 from scapre_jax.edit import (
-    NonFiniteWeightsError, _check_config, _check_kernel, _nonfinite_names, _shape_groups,
-    compute_dtype, concept_statistics, default_matrix_batch, edit_stack, matrix_keys)
+    check_request, concept_statistics, default_matrix_batch, edit_in_shape_groups, edit_stack,
+    matrix_keys)
 from scapre_jax.inputs import ConceptInputs
 
 
@@ -66,7 +66,8 @@ def stack_sets(sets: Sequence[ConceptInputs], *, num_sets: int | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _set_statistics(inputs, config, dtype):
+def set_statistics(inputs, config, dtype):
+  """`concept_statistics` of every set of a stacked batch."""
   return jax.vmap(lambda x: concept_statistics(x, config, dtype))(inputs)
 
 
@@ -93,39 +94,24 @@ def edit_sets(kernels: Mapping[str, jax.Array], sets: Sequence[ConceptInputs],
   the sets axis is sharded over its devices and the kernels replicated; the
   number of sets is padded up to a multiple of the device count.
   """
-  _check_config(config)
-  if not kernels:
-    raise ValueError("no kernels to edit")
-  for s in sets:
-    s.validate()
-  kernels = {name: jnp.asarray(k) for name, k in kernels.items()}
-  for name, kernel in kernels.items():
-    _check_kernel(name, kernel, sets[0].d_in if sets else 0)
+  kernels = check_request(kernels, sets, config)
   count = len(sets)
   devices = 1 if mesh is None else mesh.devices.size
   batched = stack_sets(sets, num_sets=-(-count // devices) * devices)
-  num = batched.concept_vecs.shape[0]
   if mesh is not None:
     batched = sharding.shard_sets(batched, mesh)
+  batch = default_matrix_batch(matrix_batch)
 
-  stats_by_dtype = {}
-  out: list[dict[str, jax.Array]] = [{} for _ in range(count)]
-  finite = []
-  for (_, dtype), names in _shape_groups(kernels).items():
-    ct = compute_dtype(dtype)
-    if ct not in stats_by_dtype:
-      stats_by_dtype[ct] = _set_statistics(batched, config, ct)
-    stack = tuple(kernels[n] for n in names)
+  def edit_group(names, stack, stats):
     keys = matrix_keys(key, names)  # every set uses `key`
     if mesh is not None:
       stack, keys = sharding.replicate((stack, keys), mesh)
-    edited, ok = _edit_set_stack(stack, keys, batched, stats_by_dtype[ct], config,
-                                 default_matrix_batch(matrix_batch), count)
+    return _edit_set_stack(stack, keys, batched, stats, config, batch, count)
+
+  results = edit_in_shape_groups(
+      kernels, lambda dtype: set_statistics(batched, config, dtype), edit_group)
+  out: list[dict[str, jax.Array]] = [{} for _ in range(count)]
+  for names, edited in results:
     for result, per_set in zip(out, edited):
       result.update(zip(names, per_set))
-    finite.append((names, ok))
-  bad = sorted(_nonfinite_names(finite))
-  if bad:
-    raise NonFiniteWeightsError(
-        f"the edit produced non-finite weights for {len(bad)} matrices: {bad[:5]}")
   return [{name: result[name] for name in kernels} for result in out]

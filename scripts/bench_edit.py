@@ -61,7 +61,6 @@ import transformers  # noqa: E402
 import convert  # noqa: E402
 import scapre_jax  # noqa: E402
 from scapre_jax import edit, models, sets, text, tiny  # noqa: E402
-from scapre_jax._src import probes, solvers, targets  # noqa: E402
 from scapre_jax.config import PRESETS, EditConfig  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 
@@ -226,7 +225,7 @@ def timed(fn, *args, **kwargs):
 def shape_groups(kernels, key):
   """(kernels, keys) of each group, as `edit_projections` groups them."""
   return [(tuple(kernels[n] for n in names), edit.matrix_keys(key, names))
-          for names in edit._shape_groups(kernels).values()]
+          for names in edit.shape_groups(kernels).values()]
 
 
 def temp_memory_gib(groups, inputs, config, matrix_batch) -> list[float]:
@@ -234,7 +233,7 @@ def temp_memory_gib(groups, inputs, config, matrix_batch) -> list[float]:
   stats = jax.eval_shape(lambda x: edit.concept_statistics(x, config, jnp.float32), inputs)
   sizes = []
   for stack, keys in groups:
-    compiled = edit._edit_kernel_stack.lower(
+    compiled = edit.edit_kernel_stack.lower(
         stack, keys, inputs, stats, config, matrix_batch).compile()
     sizes.append(compiled.memory_analysis().temp_size_in_bytes / 2**30)
   return sizes
@@ -269,7 +268,7 @@ def bench_ours(model, kernels, concepts, config, key, *, repeat, matrix_batch,
     t_solve = 0.0
     for stack, keys in groups:
       # Positional, as edit_projections calls it, so the compiled program is shared.
-      seconds, _ = timed(edit._edit_kernel_stack, stack, keys, inputs, stats, config,
+      seconds, _ = timed(edit.edit_kernel_stack, stack, keys, inputs, stats, config,
                          matrix_batch)
       t_solve += seconds
     if i == 0:
@@ -298,53 +297,49 @@ def bench_ours(model, kernels, concepts, config, key, *, repeat, matrix_batch,
 
 
 def over_matrices(fn, xs, matrix_batch):
-  """fn over the leading (matrix) axis, batched as `edit._edit_kernel_stack`
+  """fn over the leading (matrix) axis, batched as `edit.edit_kernel_stack`
   batches it: vmap, or lax.map `matrix_batch` matrices at a time."""
   if matrix_batch is None or matrix_batch >= jax.tree.leaves(xs)[0].shape[0]:
     return jax.vmap(lambda x: fn(*x))(xs)
   return jax.lax.map(lambda x: fn(*x), xs, batch_size=matrix_batch)
 
 
+# The pieces below are the engine's own per-matrix functions (`edit.probe_noise`,
+# `edit.row_weights`, `edit.row_entropy`, `edit.value_sum`), each compiled
+# alone, so the profile times what `edit_scapre` runs.
+
+
 @functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
 def _probe_noise(keys, inputs, config, matrix_batch):
-  return over_matrices(lambda key: probes.draw_probe_noise(
-      key, inputs.num_concepts, inputs.d_in, num_pos=config.mi_num_pos,
-      entropy_samples=config.entropy_samples), (keys,), matrix_batch)
+  return over_matrices(lambda key: edit.probe_noise(key, inputs, config), (keys,), matrix_batch)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
 def _mi_masks(stack, noise, inputs, config, matrix_batch):
-  return over_matrices(lambda k, n: probes.mi_soft_mask(
-      k.T, inputs.concept_vecs, inputs.empty_vec, n.mi_pos, n.mi_neg, inputs.concept_mask,
-      sigma=config.noise_sigma, temperature=config.mi_temperature, power=config.p,
-      mode=config.mi_mode), (stack, noise), matrix_batch)
+  return over_matrices(lambda k, n: edit.row_weights(k.T, inputs, n, config),
+                       (stack, noise), matrix_batch)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
 def _entropy(stack, noise, inputs, config, matrix_batch):
-  return over_matrices(lambda k, n: probes.entropy_factor(
-      k.T, inputs.concept_vecs, n.entropy, inputs.concept_mask,
-      sigma=config.noise_sigma, bins=config.entropy_bins), (stack, noise), matrix_batch)
+  return over_matrices(lambda k, n: edit.row_entropy(k.T, inputs, n, config),
+                       (stack, noise), matrix_batch)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
 def _values(stack, row_weights, inputs, config, matrix_batch):
-  mask = inputs.seq_mask & inputs.concept_mask[:, None]
-
-  def one(k, r):
-    v = targets.target_values(k.T, inputs.old_seqs, inputs.new_seqs, mask,
-                              technique=config.technique)
-    return targets.weighted_value_sum(r, v, inputs.old_seqs)
-  return over_matrices(one, (stack, row_weights), matrix_batch)
+  # With row weights given, `value_sum` needs no statistics.
+  return over_matrices(lambda k, r: edit.value_sum(k.T, inputs, None, r, config),
+                       (stack, row_weights), matrix_batch)
 
 
 def linear_solve(gram, stats, rhs, alpha):
   """The engine's step-6 solve, dispatched as `edit_weight` does."""
-  return edit.solve_scapre_system(gram, stats["projector_basis"], rhs, alpha)
+  return edit.solve_scapre_system(gram, stats.projector_basis, rhs, alpha)
 
 
 def projector_of(stats):
-  return stats["projector_basis"] @ stats["projector_basis"].T
+  return stats.projector_basis @ stats.projector_basis.T
 
 
 @functools.partial(jax.jit, static_argnames=("matrix_batch",))
@@ -355,7 +350,7 @@ def _linear_solve(grams, stats, rhs, alpha, matrix_batch):
 
 @functools.partial(jax.jit, static_argnames=("matrix_batch",))
 def _two_eigh(grams, projector, rhs, alpha, matrix_batch):
-  return over_matrices(lambda g, b, a: solvers.solve_row_sylvester(g, projector, b, a),
+  return over_matrices(lambda g, b, a: scapre_jax.solve_row_sylvester(g, projector, b, a),
                        (grams, rhs, alpha), matrix_batch)
 
 
@@ -372,7 +367,7 @@ def _cholesky(grams, matrix_batch):
 @functools.partial(jax.jit, static_argnames=("matrix_batch",))
 def _bures(stack, solved, matrix_batch):
   return over_matrices(
-      lambda w, s: solvers.bures_prox(w.T, s, mu=0.3, lam_prox=0.8, iters=1),
+      lambda w, s: scapre_jax.bures_prox(w.T, s, mu=0.3, lam_prox=0.8, iters=1),
       (stack, solved), matrix_batch)
 
 
@@ -394,7 +389,7 @@ def profile_ours(groups, inputs, stats, config, matrix_batch, *, over_sets=False
   Woodbury); `solve_two_eigh` times the two-eigh closed form for comparison.
 
   With `over_sets`, `inputs` and `stats` carry a leading sets axis (`sets.stack_sets`,
-  `sets._set_statistics`) and every piece that depends on the concepts is
+  `sets.set_statistics`) and every piece that depends on the concepts is
   vmapped over it, as `edit_sets` runs it; the probe noise does not depend on
   the set (every set uses the same key) and runs once. Comparing K = 1 with
   K = 8 shows which pieces make up the cost of each further set.
@@ -416,7 +411,7 @@ def profile_ours(groups, inputs, stats, config, matrix_batch, *, over_sets=False
 
   problem = lambda stack, s: solve_problem(stack, s, config)
   if over_sets:
-    add("statistics", lambda x, matrix_batch: sets._set_statistics(
+    add("statistics", lambda x, matrix_batch: sets.set_statistics(
         x, config, jnp.float32), inputs)
   # The noise has the shapes of one set; every set draws the same.
   one_set = jax.tree.map(lambda x: x[0], inputs) if over_sets else inputs
@@ -478,7 +473,7 @@ def bench_reference(model, kernels, request, config, *, sample_concepts, sample_
   neg_noise = f32(rng.standard_normal((q, config.mi_num_pos, d_in)))
   eta, lamb = config.erase_scale, config.lamb
   stats32 = edit.concept_statistics(inputs, config, jnp.float32)
-  xx = f32(np.asarray(stats32["xx"]))
+  xx = f32(np.asarray(stats32.xx))
   projector64 = ref.concept_projector(concept_vecs)  # float64, the released formula
 
   def encode(prompts):
@@ -710,7 +705,7 @@ def run_sets(args, n: int, num_sets: int) -> dict[str, Any]:
     # Where the batched call's time goes, piece by piece, vmapped over the K sets.
     stacked = sets.stack_sets(inputs)
     record["batched_profile_s"] = profile_ours(
-        shape_groups(kernels, key), stacked, sets._set_statistics(stacked, config, jnp.float32),
+        shape_groups(kernels, key), stacked, sets.set_statistics(stacked, config, jnp.float32),
         config, edit.default_matrix_batch(args.matrix_batch), over_sets=True)
   record["loadavg_end"] = os.getloadavg()
   return record

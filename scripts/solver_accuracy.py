@@ -89,7 +89,7 @@ def measure(model, kernels, n: int, mu: float, seed: int) -> dict:
                                 power=config.spectral_power)
   scale = jnp.where(basis.valid, 1 - gate, 0).astype(jnp.float32)
   u = basis.u.astype(jnp.float32)
-  u_kept = stats["projector_basis"]
+  u_kept = stats.projector_basis
   keep = jnp.any(u_kept != 0, axis=0)
   width = min(k.shape[1] for k in kernels.values())  # 320 on SD 1.5
   name = next(k for k in kernels if kernels[k].shape[1] == width and "/to_k/" in k)
@@ -97,7 +97,7 @@ def measure(model, kernels, n: int, mu: float, seed: int) -> dict:
   eta, lamb = config.erase_scale, config.lamb
   shared = edit.scapre_gram(stats, config, 0.0)  # A: the part without mu
   gram = edit.scapre_gram(stats, config, mu)
-  rhs = (lamb + mu) * weight + eta * matmul(weight, stats["yx"])
+  rhs = (lamb + mu) * weight + eta * matmul(weight, stats.yx)
   rng = np.random.default_rng(seed)
   levels = np.linspace(eta / 8, eta, 8, dtype=np.float32)
   alpha = jnp.asarray(levels[rng.integers(0, 8, weight.shape[0])])

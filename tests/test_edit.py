@@ -11,24 +11,7 @@ import pytest
 import scapre_jax as sj
 from scapre_jax import edit as edit_module
 
-
-def random_inputs(seed, m, d_in, length=6, num_preserve=0, dtype=np.float32):
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(2, length + 1, size=m)
-  mask = np.arange(length)[None] < lengths[:, None]
-  kwargs = {}
-  if num_preserve:
-    kwargs["preserve_seqs"] = rng.normal(size=(num_preserve, length, d_in)).astype(dtype)
-  return sj.ConceptInputs.create(
-      rng.normal(size=(m, d_in)).astype(dtype), rng.normal(size=d_in).astype(dtype),
-      rng.normal(size=(m, length, d_in)).astype(dtype),
-      rng.normal(size=(m, length, d_in)).astype(dtype), mask, **kwargs)
-
-
-def kernels(seed, d_in, widths, dtype=jnp.float32):
-  rng = np.random.default_rng(seed)
-  return {f"layer_{i}/to_{kv}/kernel": jnp.asarray(rng.normal(size=(d_in, w)) / np.sqrt(d_in), dtype)
-          for i, w in enumerate(widths) for kv in "kv"}
+from builders import kernels, random_inputs
 
 
 def pad(inputs, extra_concepts, extra_rows):
@@ -106,13 +89,13 @@ def test_second_call_does_not_recompile():
   config = sj.EditConfig.preset("scapre", noise_sigma=0.2, entropy_samples=3)
   ks = kernels(5, 16, [8, 8, 12])
   sj.edit_projections(ks, random_inputs(4, m=3, d_in=16), config, key=jax.random.key(0))
-  stack_size = edit_module._edit_kernel_stack._cache_size()
+  stack_size = edit_module.edit_kernel_stack._cache_size()
   stats_size = edit_module.concept_statistics._cache_size()
   # New values, same shapes, an equal (not identical) config.
   config2 = dataclasses.replace(config)
   ks2 = {n: k + 1 for n, k in ks.items()}
   sj.edit_projections(ks2, random_inputs(5, m=3, d_in=16), config2, key=jax.random.key(1))
-  assert edit_module._edit_kernel_stack._cache_size() == stack_size
+  assert edit_module.edit_kernel_stack._cache_size() == stack_size
   assert edit_module.concept_statistics._cache_size() == stats_size
 
 
@@ -133,14 +116,65 @@ def test_kernels_keep_their_dtype(dtype):
 
 
 def test_thousand_concepts_past_context_width():
-  # m = 1000 > d_in = 768: the released (C C^T + 1e-8 I)^-1 is singular here.
-  config = sj.EditConfig.preset("scapre", entropy_samples=2)
-  inputs = random_inputs(7, m=1000, d_in=768, length=3)
-  ks = {"to_k": kernels(7, 768, [64])["layer_0/to_k/kernel"]}
-  out = sj.edit_projections(ks, inputs, config, key=jax.random.key(0))
+  # m = 1000 > d_in = 768: the released (C C^T + 1e-8 I)^-1 is singular here,
+  # while the concepts span the whole context, so Pi = I and each row solves
+  # w_i (G + alpha_i I) = b_i. Checked in float64 against that system built
+  # from the same pieces and solved densely, row by row. Canonical MI mode
+  # computes the mask in float64 too (released mode rounds it in float32,
+  # differently in the engine's fused program and in the eager one below).
+  config = sj.EditConfig.preset("scapre", entropy_samples=2, mi_mode="canonical")
+  inputs = random_inputs(7, m=1000, d_in=768, length=3, dtype=np.float64)
+  ks = {"to_k": kernels(7, 768, [64], jnp.float64)["layer_0/to_k/kernel"]}
+  key = jax.random.key(0)
+  out = sj.edit_projections(ks, inputs, config, key=key)
   assert bool(jnp.all(jnp.isfinite(out["to_k"])))
   # Pi = I, so every row is pulled hard towards the targets: weights move.
   assert float(jnp.abs(out["to_k"] - ks["to_k"]).max()) > 1e-3
+
+  w = ks["to_k"].T
+  stats = sj.concept_statistics(inputs, config, dtype=jnp.float64)
+  basis = np.asarray(stats.projector_basis)
+  np.testing.assert_allclose(basis @ basis.T, np.eye(768), rtol=0, atol=1e-10)
+  noise = sj.draw_probe_noise(sj.matrix_key(key, "to_k"), 1000, 768, num_pos=config.mi_num_pos,
+                              entropy_samples=config.entropy_samples, dtype=jnp.float64)
+  r = sj.mi_soft_mask(w, inputs.concept_vecs, inputs.empty_vec, noise.mi_pos, noise.mi_neg,
+                      inputs.concept_mask, sigma=config.noise_sigma,
+                      temperature=config.mi_temperature, power=config.p, mode=config.mi_mode)
+  h = jnp.clip(1 - sj.entropy_factor(w, inputs.concept_vecs, noise.entropy, inputs.concept_mask,
+                                     sigma=config.noise_sigma, bins=config.entropy_bins), 0, 1)
+  mu = float(jnp.mean(h))
+  eta = config.erase_scale
+  values = sj.target_values(w, inputs.old_seqs, inputs.new_seqs, inputs.seq_mask,
+                            technique="replace")
+  rhs = np.asarray((config.lamb + mu) * w + eta * sj.weighted_value_sum(r, values, inputs.old_seqs))
+  gram = np.asarray(edit_module.scapre_gram(stats, config, mu))
+  alpha = eta * np.asarray(r).max(axis=0)
+  solved = np.stack([np.linalg.solve((gram + a * np.eye(768)).T, b) for a, b in zip(alpha, rhs)])
+  want = sj.bures_prox(w, solved, mu=mu, lam_prox=config.lamb + mu, iters=config.bures_iters)
+  # G is well conditioned here (cond ~ 1e4): float64 solves agree to ~1e-12.
+  np.testing.assert_allclose(out["to_k"].T, want, rtol=0,
+                             atol=1e-9 * float(np.abs(want).max()))
+
+
+def test_statistics_are_built_for_their_method():
+  inputs = random_inputs(1, m=3, d_in=16)
+  uce = sj.concept_statistics(inputs, sj.EditConfig.preset("uce"))
+  assert type(uce) is sj.UCEStatistics
+  nsfw = sj.concept_statistics(inputs, sj.EditConfig.preset("scapre-nsfw"))
+  assert type(nsfw) is sj.ScaPreStatistics and nsfw.ased is None
+  assert nsfw.projector_basis.shape == (16, 3)
+  tensor = sj.concept_statistics(inputs, sj.EditConfig.preset("scapre-small", technique="tensor"))
+  assert type(tensor) is sj.SmallStatistics and tensor.yx is None and tensor.residual is None
+  # A wrong combination is a clear error before tracing, not a missing key.
+  with pytest.raises(ValueError, match="needs ScaPreStatistics"):
+    sj.edit_weight(jnp.ones((4, 16)), inputs, uce, jax.random.key(0),
+                   sj.EditConfig.preset("scapre"))
+
+
+def test_public_api_resolves():
+  assert len(set(sj.__all__)) == len(sj.__all__)
+  for name in sj.__all__:
+    assert getattr(sj, name) is not None, name
 
 
 def test_edit_moves_concepts_to_targets_and_spares_preserved():

@@ -8,7 +8,7 @@ import scapre_jax as sj
 from scapre_jax import sets as sets_module
 from scapre_jax import sharding
 
-from test_edit import kernels, random_inputs
+from builders import kernels, random_inputs
 
 
 @pytest.fixture(scope="module")
