@@ -11,7 +11,7 @@ the Cholesky + Woodbury solve the engine uses) and `concept_projector` (the
 dense Pi; the engine works with its basis, `projector_basis`).
 """
 
-from scapre_jax import metrics, sharding
+from scapre_jax import metrics, precision, sharding
 from scapre_jax._src.probes import ProbeNoise, draw_probe_noise, entropy_factor, mi_soft_mask
 from scapre_jax._src.solvers import (
     bures_prox, egbr, solve_row_sylvester, solve_row_sylvester_woodbury, solve_spd_right)
@@ -46,5 +46,5 @@ __all__ = [
     # Reference forms (not run by the engine).
     "solve_row_sylvester", "concept_projector",
     # Modules.
-    "metrics", "sharding",
+    "metrics", "precision", "sharding",
 ]

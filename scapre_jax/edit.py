@@ -7,7 +7,9 @@ edited kernels. `edit_in_shape_groups` is the one loop that groups kernels
 by shape, dispatches one compiled call per group and checks the results, for
 `edit_projections` here and `sets.edit_sets`. Kernels come in Flax
 orientation (d_in, d_out); the math runs on W = kernel.T as in
-docs/algorithm.md, in float32, or float64 where the kernel is float64.
+docs/algorithm.md, in float32, or float64 where the kernel is float64
+(`precision.compute_dtype`; `precision.cast` the kernels and inputs for a
+float64 edit, docs/reproducibility.md).
 """
 
 from __future__ import annotations
@@ -26,15 +28,12 @@ from scapre_jax._src.typing import Array, Float
 from scapre_jax._src import probes, solvers, spectral, targets
 from scapre_jax.config import EditConfig
 from scapre_jax.inputs import ConceptInputs
+from scapre_jax import precision
+from scapre_jax.precision import compute_dtype
 
 
 class NonFiniteWeightsError(ValueError):
   """The edit produced NaN or infinite weights; nothing should be saved."""
-
-
-def compute_dtype(dtype) -> jnp.dtype:
-  """float32 for half and single precision kernels, float64 for float64."""
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _name_hash(name: str) -> int:
@@ -401,6 +400,9 @@ def check_request(kernels: Mapping[str, Array], sets: Sequence[ConceptInputs],
     raise ValueError(f"all sets must be encoded with one text encoder; widths {widths}")
   if not kernels:
     raise ValueError("no kernels to edit")
+  if any(np.dtype(getattr(k, "dtype", np.float32)) == np.float64 for k in kernels.values()):
+    # Without x64, jnp.asarray would truncate them to float32 without a word.
+    precision.require("float64")
   kernels = {name: jnp.asarray(k) for name, k in kernels.items()}
   for name, kernel in kernels.items():
     _check_kernel(name, kernel, widths[0])

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 from scapre_jax._src.typing import Array, Bool, Float
 
 from scapre_jax._src.targets import einsum
-
-EPS = 1e-8
+from scapre_jax.precision import EPS
 
 
 @jax.tree_util.register_dataclass

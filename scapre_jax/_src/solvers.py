@@ -12,8 +12,7 @@ import jax.scipy.linalg
 from scapre_jax._src.typing import Array, Float, Scalar
 
 from scapre_jax._src.targets import einsum
-
-EPS = 1e-8
+from scapre_jax.precision import EPS
 
 
 def symmetrize(a: Float[Array, "d d"]) -> Float[Array, "d d"]:
