@@ -86,7 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                  dest="overrides", help="override a setting, e.g. --set erase_scale=3")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+  p.add_argument("--dtype", default="float32",
+                 choices=("float32", "bfloat16", "float16", "float64"),
+                 help="dtype the model is loaded in and the edit is written in")
+  p.add_argument("--precision", choices=("float32", "float64"),
+                 help="float64: encode the text and compute the edit in float64, "
+                      "the same to 1e-10 however sets are batched or sharded "
+                      "(slower; see docs/reproducibility.md). Default: float32, "
+                      "float64 for --dtype float64")
   p.add_argument("--full", action="store_true", help="also write OUT/model/, "
                  "the complete edited diffusers folder")
   p.add_argument("--orbax", action="store_true", help="also write OUT/orbax/")
@@ -137,6 +144,10 @@ def _templates(value: str | None):
 
 
 def _erase(args) -> int:
+  if args.precision == "float64" or args.dtype == "float64":
+    # Process-global and only safe before any JAX array exists: first thing.
+    from scapre_jax import precision
+    precision.enable_x64()
   from scapre_jax import erase, requests
   if args.coordinator or args.num_processes or os.environ.get("JAX_COORDINATOR_ADDRESS"):
     import jax
@@ -160,6 +171,7 @@ def _erase(args) -> int:
   job = erase.EraseJob(
       sets=sets, out=pathlib.Path(args.out), model=args.model, single=single,
       full=args.full, orbax=args.orbax, seed=args.seed, dtype=args.dtype,
+      precision=args.precision,
       overrides=overrides, overwrite=args.overwrite, sets_per_call=args.sets_per_call)
   summary = erase.run(job, progress=None if args.quiet or args.json else erase._stderr)
   if args.json:
@@ -212,7 +224,8 @@ def _inspect(args) -> int:
   print(f"method        {config.get('method')} (preset {meta.get('preset', '?')}, "
         f"seed {meta.get('seed', '?')})")
   print(f"base model    {meta.get('base_fingerprint')}")
-  print(f"library       scapre-jax {meta.get('scapre_jax_version')}, dtype {meta.get('dtype')}")
+  print(f"library       scapre-jax {meta.get('scapre_jax_version')}, dtype {meta.get('dtype')}, "
+        f"computed in {meta.get('precision', 'float32')}")
   print(f"matrices      {len(kernels)}")
   layers = meta.get("layers", {})
   if layers:

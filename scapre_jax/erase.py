@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from scapre_jax import io, metrics, models, sharding, text, tiny
+from scapre_jax import precision as precision_lib
 from scapre_jax.config import EditConfig
 from scapre_jax.requests import ConceptSet
 from scapre_jax.sets import edit_sets
@@ -45,7 +46,12 @@ class EraseJob:
     orbax: also write an orbax checkpoint of the edited UNet params
       `out/orbax/` (single set only).
     seed: PRNG seed of the probes; every set uses it, as if run alone.
-    dtype: weights dtype the model is loaded in.
+    dtype: weights dtype the model is loaded in, and the edit is written in.
+    precision: "float32" or "float64" (docs/reproducibility.md): with
+      "float64" the text encoding and the whole edit run in float64 and the
+      result is rounded to `dtype` once, when written. None: "float64" for a
+      float64 model, else "float32". float64 needs JAX's 64-bit mode
+      (`precision.enable_x64`, which the CLI calls).
     overrides: EditConfig fields applied on top of every set's preset.
     overwrite: replace existing outputs; without it a sets run skips sets
       whose files exist and a single erase refuses to write over them.
@@ -60,6 +66,7 @@ class EraseJob:
   orbax: bool = False
   seed: int = 0
   dtype: str = "float32"
+  precision: str | None = None
   overrides: tuple[tuple[str, Any], ...] = ()
   overwrite: bool = False
   sets_per_call: int | None = None
@@ -77,8 +84,18 @@ class EraseJob:
       raise ValueError("single-set output needs exactly one set")
     if self.dtype not in models.DTYPES:
       raise ValueError(f"dtype must be one of {tuple(models.DTYPES)}, got {self.dtype!r}")
+    if self.dtype == "float64" and self.precision == "float32":
+      raise ValueError("a float64 model is edited in float64: drop --precision float32")
+    precision_lib.require(self.edit_precision)
     for s in self.sets:  # bad overrides fail here, before any work
       self.config_for(s)
+
+  @property
+  def edit_precision(self) -> str:
+    """The precision the edit runs in: `precision`, or the default for `dtype`."""
+    if self.precision is not None:
+      return self.precision
+    return "float64" if self.dtype == "float64" else "float32"
 
   def config_for(self, concept_set: ConceptSet) -> EditConfig:
     return EditConfig.preset(concept_set.preset, **dict(self.overrides))
@@ -184,14 +201,19 @@ def run(job: EraseJob, *, progress: Callable[[str], None] | None = _stderr) -> d
 
   model_path = job.model if job.model is not None else ensure_tiny_model()
   t0 = time.perf_counter()
-  model = models.load_model(model_path, dtype=job.dtype)
-  say(f"load: {model.path} ({model.weights_format}, {job.dtype}) in "
-      f"{time.perf_counter() - t0:.1f} s")
+  model = models.load_model(model_path, dtype=job.dtype, text_dtype=job.edit_precision
+                            if job.edit_precision == "float64" else None)
+  say(f"load: {model.path} ({model.weights_format}, {job.dtype}, edit in "
+      f"{job.edit_precision}) in {time.perf_counter() - t0:.1f} s")
   for s in todo:
     for f in job.files(s):
       io.check_output_path(f, overwrite=job.replaces(s), protected=[model.path])
+  # float64: the kernels are widened once here, edited in float64, and
+  # rounded back to the model's dtype only when written (_write_set).
   kernels = models.cross_attention_kernels(
       model.unet_params, targets=job.config_for(todo[0]).targets)
+  if job.edit_precision == "float64":
+    kernels = precision_lib.cast(kernels, "float64")
   if any(job.config_for(s).targets != job.config_for(todo[0]).targets for s in todo):
     raise ValueError("all sets of one run must edit the same targets (to_k/to_v)")
 
@@ -259,7 +281,10 @@ def _write_set(job, s, config, model, kernels, edited, request, other_seqs) -> d
       concepts=request.concepts, guides=request.guides, preserve=request.preserve,
       config=config, base_fingerprint=model.fingerprint, name=s.name,
       prompts=request.prompts, seed=job.seed, preset=s.preset,
+      precision=job.edit_precision,
       layers={models.torch_name(n): v for n, v in layers.items()})
+  # Written in the model's dtype: one rounding of the (float64) edit.
+  edited = {n: k.astype(models.jax_dtype(job.dtype)) for n, k in edited.items()}
   io.write_edit_file(edit_path, edited, metadata=metadata, overwrite=overwrite,
                      model_root=model.path)
   written = {"edit": str(edit_path)}
@@ -274,6 +299,7 @@ def _write_set(job, s, config, model, kernels, edited, request, other_seqs) -> d
       "name": s.name, "preset": s.preset, "concepts": list(request.concepts),
       "prompts": request.prompts, "guides": request.guides,
       "preserve": request.preserve, "config": config.to_dict(), "seed": job.seed,
+      "precision": job.edit_precision,
       "model": str(model.path), "base_fingerprint": model.fingerprint,
       "files": written, **means,
       "layers": {models.torch_name(n): e for n, e in report.items()},

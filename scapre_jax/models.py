@@ -32,6 +32,7 @@ import transformers  # configures the library loggers filtered below
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 import convert
+from scapre_jax import precision
 
 
 class _DropDeprecation(logging.Filter):
@@ -55,7 +56,9 @@ with warnings.catch_warnings():
   from transformers import CLIPTokenizer
   from transformers import FlaxCLIPTextModel
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# float64 needs JAX's 64-bit mode (scapre_jax.precision); the others do not.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+          "float64": jnp.float64}
 _CHUNK = 16 << 20  # hashing chunk: 16 MiB
 
 
@@ -161,11 +164,17 @@ def abstract_params(part: str, config: Mapping[str, Any]) -> dict[str, Any]:
 # -- loading ------------------------------------------------------------------
 
 
-def load_model(path_or_id: str | os.PathLike, *, dtype: str = "float32") -> LoadedModel:
+def load_model(path_or_id: str | os.PathLike, *, dtype: str = "float32",
+               text_dtype: str | None = None) -> LoadedModel:
   """Loads UNet, text encoder and tokenizer from a local diffusers folder or
   an already-cached Hugging Face id (never downloads). Params are cast to
-  `dtype` ("float32", "bfloat16", "float16"); the modules compute in it."""
+  `dtype` ("float32", "bfloat16", "float16", "float64"); the modules compute
+  in it. `text_dtype` (default: `dtype`) sets the text encoder's alone:
+  "float64" gives float64 encodings of a float32 model (`--precision
+  float64`). float64 needs JAX's 64-bit mode (`precision.enable_x64`)."""
   jdtype = _dtype(dtype)
+  text_dtype = dtype if text_dtype is None else text_dtype
+  text_jdtype = _dtype(text_dtype)
   root = resolve(path_or_id)
   unet_config = _read_config(root, PARTS["unet"])
   text_config = _read_config(root, PARTS["text_encoder"])
@@ -174,8 +183,8 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str = "float32") -> Load
   return LoadedModel(
       unet=build("unet", unet_config, dtype=dtype),
       unet_params=_cast(unet_params, jdtype),
-      text_encoder=build("text_encoder", text_config, dtype=dtype),
-      text_params=_cast(text_params, jdtype),
+      text_encoder=build("text_encoder", text_config, dtype=text_dtype),
+      text_params=_cast(text_params, text_jdtype),
       tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
       path=root,
       unet_config=unet_config,
@@ -302,6 +311,8 @@ def fingerprint(files) -> str:
 def _dtype(name: str):
   if name not in DTYPES:
     raise ValueError(f"unknown dtype {name!r}; expected one of {tuple(DTYPES)}")
+  if name == "float64":
+    precision.require("float64")
   return DTYPES[name]
 
 
@@ -387,7 +398,7 @@ def weight_files(path_or_id, part: str = "unet") -> tuple[str, list[pathlib.Path
 
 
 def jax_dtype(name: str):
-  """jnp dtype of a dtype name ("float32", "bfloat16", "float16")."""
+  """jnp dtype of a dtype name ("float32", "bfloat16", "float16", "float64")."""
   return _dtype(name)
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scapre_jax.inputs import ConceptInputs
+from scapre_jax.precision import compute_dtype
 
 # The released `--add_prompts` templates, by `--concept_type`.
 TEMPLATES: dict[str, list[str]] = {
@@ -113,11 +114,17 @@ def _run_encoder(text_encoder, params, input_ids):
   # No attention mask, as in the SD pipelines and the released code: CLIP's
   # causal mask already keeps padding out of the earlier positions, and the
   # padding rows themselves are part of X_j, Y_j.
-  return text_encoder(input_ids, params=params)[0].astype(jnp.float32)
+  return text_encoder(input_ids, params=params)[0].astype(_out_dtype(text_encoder))
+
+
+def _out_dtype(text_encoder) -> np.dtype:
+  """float32 encodings, or float64 from a float64 encoder (--precision float64)."""
+  return np.dtype(compute_dtype(text_encoder.dtype))
 
 
 def encode_ids(model, input_ids: np.ndarray, *, batch_size: int = 16) -> np.ndarray:
-  """Last hidden states (n, L, d_in) float32 of token ids (n, L).
+  """Last hidden states (n, L, d_in) of token ids (n, L): float32, or float64
+  when the text encoder is float64 (`models.load_model(text_dtype="float64")`).
 
   Every call runs batches of exactly `batch_size` rows (the last one
   padded): the jitted encoder compiles once, and a prompt's embedding is
@@ -131,7 +138,7 @@ def encode_ids(model, input_ids: np.ndarray, *, batch_size: int = 16) -> np.ndar
   n, length = input_ids.shape
   width = model.text_encoder.config.hidden_size
   if n == 0:
-    return np.zeros((0, length, width), np.float32)
+    return np.zeros((0, length, width), _out_dtype(model.text_encoder))
   size = int(batch_size)
   padded = -(-n // size) * size
   ids = np.concatenate([input_ids, np.repeat(input_ids[:1], padded - n, axis=0)])
@@ -145,8 +152,8 @@ def encode_prompts(model, prompts: Sequence[str], *, batch_size: int = 16,
                    cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Encodes prompts with `model`'s tokenizer and Flax text encoder.
 
-  Returns (embeddings (n, 77, d_in) float32 = E(p), lengths (n,) int = the
-  attention-mask sums n(p)). Prompts with identical token ids are encoded
+  Returns (embeddings (n, 77, d_in) = E(p), float32 or float64 as `encode_ids`,
+  lengths (n,) int = the attention-mask sums n(p)). Prompts with identical token ids are encoded
   once. Longer-than-77-token prompts are truncated with one warning.
   `cache` (a dict owned by the caller, one per model) keeps encodings across
   calls: a job encodes every prompt of every set in one batched call and the
@@ -266,7 +273,8 @@ def build_concept_inputs(model, concepts, *, guides=None, preserve=(), templates
   Returns:
     EncodedRequest with m = len(prompts) concepts of L = max_j L_j rows each,
     seq_mask[j, :L_j] True; concept_vecs, empty_vec, old_seqs, new_seqs and
-    preserve_seqs are float32.
+    preserve_seqs are float32, or float64 when the model's text encoder is
+    float64 (the float64 edit of docs/reproducibility.md).
   """
   concepts = _strings(concepts, "concepts")
   if not concepts:
@@ -291,7 +299,7 @@ def build_concept_inputs(model, concepts, *, guides=None, preserve=(), templates
 
   slices = [aligned_slices(a, b, seq_len=seq_len) for a, b in zip(n_old, n_new)]
   rows = max(length for _, _, length in slices)
-  old_seqs = np.zeros((m, rows, old.shape[2]), np.float32)
+  old_seqs = np.zeros((m, rows, old.shape[2]), embeddings.dtype)
   new_seqs = np.zeros_like(old_seqs)
   seq_mask = np.zeros((m, rows), bool)
   for j, (start_old, start_new, length) in enumerate(slices):

@@ -16,8 +16,6 @@ import scapre_jax as sj
 from scapre_jax import cli, erase, io, models, requests, text
 
 
-
-
 @pytest.fixture(scope="module")
 def sets_file(tmp_path_factory):
   path = tmp_path_factory.mktemp("sets") / "sets.jsonl"
@@ -34,27 +32,56 @@ def run(*argv):
   return cli.main([str(a) for a in argv])
 
 
+def assert_same_edit(got, want):
+  """Equal to 1e-10 of the largest weight: the float64 guarantee of
+  docs/reproducibility.md (different XLA programs round float64 sums
+  differently, ~1e-16 relative; nothing CPU-specific reaches 1e-10)."""
+  assert set(got) == set(want)
+  for name in want:
+    assert np.asarray(got[name]).dtype == np.float64
+    np.testing.assert_allclose(got[name], want[name], rtol=0,
+                               atol=1e-10 * float(np.abs(want[name]).max()))
+
+
+def library_edit(tiny_dir, concepts, seed, *, preserve=(), guides=None):
+  """The float64 edit of one set through the library API."""
+  model = models.load_model(tiny_dir, dtype="float64")
+  request = text.build_concept_inputs(model, list(concepts), preserve=list(preserve),
+                                      guides=None if guides is None else list(guides))
+  assert request.inputs.old_seqs.dtype == np.float64
+  original = models.cross_attention_kernels(model.unet_params)
+  return sj.edit_projections(original, request.inputs, sj.EditConfig.preset("scapre"),
+                             key=jax.random.key(seed))
+
+
 def test_erase_writes_edit_equal_to_library_result(tiny_dir, tmp_path, capsys):
   out = tmp_path / "out"
   assert run("erase", "--model", tiny_dir, "--concepts", "parachute, golf ball",
-             "--out", out, "--seed", 3) == 0
+             "--out", out, "--seed", 3, "--dtype", "float64") == 0
   table = capsys.readouterr().out
   assert "target_gap" in table and "1 set(s) written" in table
   kernels, meta = io.read_edit_file(out / "edit.safetensors")
   assert meta["concepts"] == ["parachute", "golf ball"]
   assert meta["config"] == sj.EditConfig.preset("scapre").to_dict()
+  assert meta["precision"] == "float64" and meta["dtype"] == "float64"
   report = json.loads((out / "report.json").read_text())
   assert report["base_fingerprint"] == meta["base_fingerprint"]
+  assert report["precision"] == "float64"
   # The same edit through the library API.
-  model = models.load_model(tiny_dir)
-  request = text.build_concept_inputs(model, ["parachute", "golf ball"])
-  original = models.cross_attention_kernels(model.unet_params)
-  want = sj.edit_projections(original, request.inputs, sj.EditConfig.preset("scapre"),
-                             key=jax.random.key(3))
-  assert set(kernels) == set(want)
+  want = library_edit(tiny_dir, ["parachute", "golf ball"], 3)
+  assert_same_edit(kernels, want)
+  # --precision float64 on the float32 model: the same float64 edit, rounded
+  # to float32 once when written. Each element is within float32's rounding
+  # (2**-24 relative, doubled for the margin) of a value within 1e-10 of the
+  # float64 result.
+  assert run("erase", "--model", tiny_dir, "--concepts", "parachute, golf ball",
+             "--out", tmp_path / "f32", "--seed", 3, "--precision", "float64", "--quiet") == 0
+  kernels, meta = io.read_edit_file(tmp_path / "f32" / "edit.safetensors")
+  assert meta["precision"] == "float64" and meta["dtype"] == "float32"
   for name in want:
-    np.testing.assert_allclose(kernels[name], want[name], rtol=0,
-                               atol=1e-5 * float(np.abs(want[name]).max()))
+    assert kernels[name].dtype == np.float32
+    np.testing.assert_allclose(kernels[name], want[name], rtol=2.0 ** -23,
+                               atol=1e-10 * float(np.abs(want[name]).max()))
   # Refuses to overwrite without --overwrite; nothing changed.
   before = (out / "edit.safetensors").read_bytes()
   assert run("erase", "--model", tiny_dir, "--concepts", "church", "--out", out) == 2
@@ -63,25 +90,40 @@ def test_erase_writes_edit_equal_to_library_result(tiny_dir, tmp_path, capsys):
 
 
 def test_sets_file_equals_single_runs_and_reruns_skip(tiny_dir, sets_file, tmp_path, capsys):
+  # In float64 (docs/reproducibility.md): the CLI solves the three sets in
+  # one batch sharded over the 8 host devices of tests/conftest.py; each
+  # equals the set run alone through the CLI, alone through the library,
+  # and batched on one device through the library.
   out = tmp_path / "sets"
-  assert run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", out, "--json") == 0
+  assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
+  assert run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", out, "--json",
+             "--precision", "float64", "--dtype", "float64") == 0
   summary = json.loads(capsys.readouterr().out)
   assert [s["name"] for s in summary["sets"]] == ["a", "b", "c"]
-  for entry in requests.load_sets_file(sets_file):
+  entries = requests.load_sets_file(sets_file)
+  model = models.load_model(tiny_dir, dtype="float64")
+  original = models.cross_attention_kernels(model.unet_params)
+  inputs = [text.build_concept_inputs(model, list(e.concepts), preserve=list(e.preserve),
+                                      guides=None if e.guides is None else list(e.guides)).inputs
+            for e in entries]
+  one_device = sj.edit_sets(original, inputs, sj.EditConfig.preset("scapre"),
+                            key=jax.random.key(0), mesh=None)
+  for entry, set_inputs, batched in zip(entries, inputs, one_device):
     single = tmp_path / f"single-{entry.name}"
     args = ["erase", "--model", tiny_dir, "--concepts", ", ".join(entry.concepts),
-            "--out", single, "--quiet"]
+            "--out", single, "--quiet", "--dtype", "float64"]
     if entry.preserve:
       args += ["--preserve", ", ".join(entry.preserve)]
     if entry.guides:
       args += ["--guides", ", ".join(entry.guides)]
     assert run(*args) == 0
     got, meta = io.read_edit_file(out / f"{entry.name}.safetensors")
-    want, _ = io.read_edit_file(single / "edit.safetensors")
-    assert meta["name"] == entry.name
-    for name in want:
-      np.testing.assert_allclose(got[name], want[name], rtol=0,
-                                 atol=1e-5 * float(np.abs(want[name]).max()))
+    alone, _ = io.read_edit_file(single / "edit.safetensors")
+    assert meta["name"] == entry.name and meta["precision"] == "float64"
+    assert_same_edit(got, alone)
+    assert_same_edit(alone, sj.edit_projections(
+        original, set_inputs, sj.EditConfig.preset("scapre"), key=jax.random.key(0)))
+    assert_same_edit(got, batched)
   # A rerun skips every finished set; --overwrite redoes them.
   stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
   assert run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", out, "--json") == 0
@@ -153,6 +195,13 @@ def test_builtin_lists_and_settings(tmp_path):
   with pytest.raises(ValueError, match="lamb must be > 0"):
     erase.EraseJob(sets=(requests.ConceptSet("s", ("a",)),), out=tmp_path,
                    overrides=(("lamb", 0.0),))
+  one = (requests.ConceptSet("s", ("a",)),)
+  assert erase.EraseJob(sets=one, out=tmp_path).edit_precision == "float32"
+  assert erase.EraseJob(sets=one, out=tmp_path, dtype="float64").edit_precision == "float64"
+  with pytest.raises(ValueError, match="unknown precision 'half'"):
+    erase.EraseJob(sets=one, out=tmp_path, precision="half")
+  with pytest.raises(ValueError, match="float64 model is edited in float64"):
+    erase.EraseJob(sets=one, out=tmp_path, dtype="float64", precision="float32")
 
 
 def test_missing_model_and_output_inside_model(tiny_dir, tmp_path, capsys):
@@ -182,14 +231,17 @@ def _free_port():
 
 def test_two_processes_split_a_sets_file(tiny_dir, sets_file, tmp_path):
   one = tmp_path / "one"
-  assert run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", one, "--quiet") == 0
+  # float64: the two processes batch the sets differently from the one
+  # (a and c, then b), which float32 would round differently.
+  assert run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", one, "--quiet",
+             "--dtype", "float64") == 0
   two = tmp_path / "two"
   port = _free_port()
   env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   procs = [subprocess.Popen(
       [sys.executable, "-m", "scapre_jax.cli", "erase", "--model", str(tiny_dir),
-       "--sets", str(sets_file), "--out", str(two), "--quiet",
+       "--sets", str(sets_file), "--out", str(two), "--quiet", "--dtype", "float64",
        "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
        "--compile-cache", str(tmp_path / f"xla{i}")],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -202,5 +254,4 @@ def test_two_processes_split_a_sets_file(tiny_dir, sets_file, tmp_path):
   for name in ("a", "b", "c"):
     got, _ = io.read_edit_file(two / f"{name}.safetensors")
     want, _ = io.read_edit_file(one / f"{name}.safetensors")
-    for k in want:
-      np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-5 * float(np.abs(want[k]).max()))
+    assert_same_edit(got, want)
