@@ -32,3 +32,28 @@ def tiny_model(tiny_dir):
   """`models.load_model` of `tiny_dir`."""
   from scapre_jax import models
   return models.load_model(tiny_dir)
+
+
+@pytest.fixture
+def shared_time_embedding(monkeypatch):
+  """`run(model, params, torch_unet, sample, steps, context)`: the Flax UNet's
+  output, with `torch_unet` patched to use the Flax time embedding.
+
+  Both libraries form the sinusoidal time embedding in float32 whatever the
+  model dtype, each with its own sin/exp; handing PyTorch the Flax values
+  removes the one float32 step, so float64 UNets agree to ~1e-14.
+  """
+  import jax.numpy as jnp
+  import numpy as np
+
+  def run(model, params, torch_unet, sample, steps, context):
+    import torch
+    out, state = model.unet.apply(
+        {"params": params}, jnp.asarray(sample), jnp.asarray(steps), jnp.asarray(context),
+        capture_intermediates=lambda m, _: m.name == "time_proj", mutable=["intermediates"])
+    [embedding] = state["intermediates"]["time_proj"]["__call__"]
+    embedding = torch.from_numpy(np.asarray(embedding, np.float64))
+    monkeypatch.setattr(torch_unet.time_proj, "forward", lambda t: embedding)
+    return np.asarray(out.sample)
+
+  return run

@@ -108,7 +108,7 @@ def test_load_tiny(loaded, tiny_dirs, variant, width, pad):
   assert len(tok) == model.text_encoder.config.vocab_size
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
 def test_dtype(tiny_dirs, dtype):
   model = models.load_model(tiny_dirs["sd1"], dtype=dtype)
   for params in (model.unet_params, model.text_params):
@@ -116,6 +116,14 @@ def test_dtype(tiny_dirs, dtype):
   assert model.unet.dtype == jnp.dtype(dtype)
   assert model.text_encoder.dtype == jnp.dtype(dtype)
   assert model.dtype == dtype
+
+
+def test_float64_text_encoder_of_a_float32_model(tiny_dirs):
+  # --precision float64: the UNet stays in the model's dtype.
+  model = models.load_model(tiny_dirs["sd1"], text_dtype="float64")
+  assert {a.dtype for a in jax.tree.leaves(model.unet_params)} == {jnp.dtype("float32")}
+  assert {a.dtype for a in jax.tree.leaves(model.text_params)} == {jnp.dtype("float64")}
+  assert model.text_encoder.dtype == jnp.float64 and model.dtype == "float32"
 
 
 def test_unknown_dtype(tiny_dirs):
@@ -296,24 +304,26 @@ def test_replace_kernels(loaded):
 
 
 @pytest.mark.parametrize("variant", ["sd1", "sd2"])
-def test_parity_with_pytorch(loaded, tiny_dirs, variant, monkeypatch, capfd):
+def test_parity_with_pytorch(tiny_dirs, variant, monkeypatch, capfd, shared_time_embedding):
   torch = pytest.importorskip("torch")
   import torch.nn.functional as F
   from diffusers import AutoencoderKL, UNet2DConditionModel
   from diffusers.models import activations
   from transformers import CLIPTextModel
 
-  folder, model = tiny_dirs[variant], loaded[variant]
+  # Both sides in float64: two frameworks are two programs, whose float32
+  # roundings differ by CPU; in float64 the same equations agree to ~1e-14.
+  folder = tiny_dirs[variant]
+  model = models.load_model(folder, dtype="float64")
   capfd.readouterr()  # importing diffusers' torch side logs Flax deprecations
   rng = np.random.default_rng(0)
-  sample = rng.standard_normal((2, 4, 8, 8), np.float32)  # NCHW in both APIs
+  sample = rng.standard_normal((2, 4, 8, 8))  # NCHW in both APIs
   steps = np.array([10, 999])
-  context = rng.standard_normal((2, 77, model.unet_config["cross_attention_dim"]), np.float32)
-  unet = jax.jit(lambda p, x, t, c: model.unet.apply({"params": p}, x, t, c).sample)
-  ours = np.asarray(unet(model.unet_params, jnp.asarray(sample), jnp.asarray(steps),
-                         jnp.asarray(context)))
-
-  torch_unet = UNet2DConditionModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False)
+  context = rng.standard_normal((2, 77, model.unet_config["cross_attention_dim"]))
+  torch_unet = UNet2DConditionModel.from_pretrained(
+      folder / "unet", low_cpu_mem_usage=False).double()
+  ours = shared_time_embedding(model, model.unet_params, torch_unet, sample, steps, context)
+  assert ours.dtype == np.float64
   run = lambda: torch_unet(torch.from_numpy(sample), torch.from_numpy(steps),
                            torch.from_numpy(context)).sample.numpy()
   with torch.no_grad():
@@ -328,18 +338,29 @@ def test_parity_with_pytorch(loaded, tiny_dirs, variant, monkeypatch, capfd):
       if name.endswith(".norm") and isinstance(module, torch.nn.GroupNorm):
         module.eps = 1e-5
     matched = run()
-  np.testing.assert_allclose(ours, matched, atol=1e-4, rtol=1e-4)
+  assert matched.dtype == np.float64
+  np.testing.assert_allclose(ours, matched, rtol=0, atol=1e-10 * np.abs(matched).max())
+  # Unmatched, the two activations and epsilons differ by up to ~1e-3.
   np.testing.assert_allclose(ours, plain, atol=5e-3)
 
   tok = model.tokenizer(["a photo of a tench", "Vincent van Gogh", ""],
                         padding="max_length", return_tensors="np")
   ours = np.asarray(model.text_encoder(tok.input_ids, tok.attention_mask,
                                        params=model.text_params).last_hidden_state)
-  torch_clip = CLIPTextModel.from_pretrained(folder / "text_encoder")
-  with torch.no_grad():
-    theirs = torch_clip(torch.from_numpy(tok.input_ids),
-                        attention_mask=torch.from_numpy(tok.attention_mask)).last_hidden_state
-  np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4, rtol=1e-4)
+  torch_clip = CLIPTextModel.from_pretrained(folder / "text_encoder").double()
+  # transformers fills its causal mask with finfo(model dtype).min in a tensor
+  # of torch's default dtype: float64 for the call, or it overflows.
+  default = torch.get_default_dtype()
+  torch.set_default_dtype(torch.float64)
+  try:
+    with torch.no_grad():
+      theirs = torch_clip(torch.from_numpy(tok.input_ids),
+                          attention_mask=torch.from_numpy(tok.attention_mask)).last_hidden_state
+  finally:
+    torch.set_default_dtype(default)
+  assert ours.dtype == np.float64 and theirs.dtype == torch.float64
+  np.testing.assert_allclose(ours, theirs.numpy(), rtol=0,
+                             atol=1e-10 * np.abs(theirs.numpy()).max())
   assert "deprecated" not in capfd.readouterr().err
 
   # The VAE is not loaded by load_model; check that diffusers reads exactly

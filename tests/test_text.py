@@ -41,8 +41,23 @@ def model(tiny_models):
   return tiny_models["sd1"]
 
 
+@pytest.fixture(scope="module")
+def model64(tiny_models):
+  """The sd1 model with a float64 text encoder: encodings from different
+  programs (batch sizes) compared in float64 agree to ~1e-16, so these tests
+  do not depend on how a CPU rounds float32 matrix products."""
+  return models.load_model(tiny_models["sd1"].path, text_dtype="float64")
+
+
 def encode_alone(model, prompt):
   return text.encode_prompts(model, [prompt])[0][0]
+
+
+def assert_close64(got, want):
+  """float64 encodings equal to 1e-10 of the largest value."""
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.dtype == want.dtype == np.float64
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * float(np.abs(want).max()))
 
 
 # -- tokenization, worked by hand ----------------------------------------------------
@@ -92,23 +107,25 @@ def test_aligned_slices_match_the_released_rule():
 # -- encoding ---------------------------------------------------------------------
 
 
-def test_encode_prompts_shapes_and_separate_encoding(model):
+def test_encode_prompts_shapes_and_separate_encoding(model, model64):
   prompts = ["x z", "", "van gogh", "a photo of a tench"]
   embeddings, lengths = text.encode_prompts(model, prompts)
   assert embeddings.shape == (4, SEQ, 32) and embeddings.dtype == np.float32
   # "van" and "gogh" are merges of the tiny BPE: van</w> + go + g + h</w>.
   np.testing.assert_array_equal(lengths[:3], [4, 2, 6])
   assert lengths[3] == len(model.tokenizer("a photo of a tench").input_ids)
+  # A batch of one runs other matmul kernels, so the comparison is in float64.
+  embeddings, lengths64 = text.encode_prompts(model64, prompts)
+  np.testing.assert_array_equal(lengths64, lengths)
   for row, prompt in zip(embeddings, prompts):
-    # A batch of one runs other matmul kernels: equal to float32 rounding.
-    np.testing.assert_allclose(row, encode_alone(model, prompt), atol=1e-5, rtol=1e-5)
+    assert_close64(row, encode_alone(model64, prompt))
   # The same as the Flax encoder called directly, without attention mask.
   ids, _ = text.tokenize(model.tokenizer, prompts, max_length=SEQ)
-  direct = np.asarray(model.text_encoder(ids, params=model.text_params)[0])
-  np.testing.assert_allclose(embeddings, direct, atol=1e-5, rtol=1e-5)
+  direct = np.asarray(model64.text_encoder(ids, params=model64.text_params)[0])
+  assert_close64(embeddings, direct)
 
 
-def test_batching_invariance_and_one_compilation(model):
+def test_batching_invariance_and_one_compilation(model, model64):
   prompts = [f"{a} {b}" for a in "abcdefg" for b in "xyz"]  # 21 distinct prompts
   before = text._run_encoder._cache_size()
   small, lengths_small = text.encode_prompts(model, prompts, batch_size=2)
@@ -116,7 +133,9 @@ def test_batching_invariance_and_one_compilation(model):
   assert compiled <= 1  # 11 batches of 2, one program
   large, lengths_large = text.encode_prompts(model, prompts, batch_size=64)
   np.testing.assert_array_equal(lengths_small, lengths_large)
-  np.testing.assert_allclose(small, large, atol=1e-5, rtol=0)
+  # Two batch sizes are two programs: compared in float64.
+  assert_close64(text.encode_prompts(model64, prompts, batch_size=2)[0],
+                 text.encode_prompts(model64, prompts, batch_size=64)[0])
   again = text._run_encoder._cache_size()
   reversed_, _ = text.encode_prompts(model, prompts[::-1], batch_size=64)
   assert text._run_encoder._cache_size() == again  # same shapes: no recompile
@@ -185,7 +204,7 @@ def _check_pair(inputs, j, old_full, new_full, n_old, n_new):
   np.testing.assert_array_equal(np.asarray(inputs.concept_vecs[j]), old_full[n_old - 2])
 
 
-def test_unguided_and_guided_inputs(model):
+def test_unguided_and_guided_inputs(model, model64):
   concepts = ["x z", "van gogh", "q"]
   guides = ["", "a b c d", "y"]  # blank -> " "
   request = text.build_concept_inputs(model, concepts, guides=guides)
@@ -203,14 +222,15 @@ def test_unguided_and_guided_inputs(model):
   np.testing.assert_array_equal(np.asarray(inputs.empty_vec), full[6][1])
   # Unconditional guide: Y_j starts at BOS of E(" ") = E("").
   np.testing.assert_array_equal(np.asarray(inputs.new_seqs[0, :75]), full[6][:75])
-  # And against separate encodings of each prompt, to float32 rounding.
-  np.testing.assert_allclose(np.asarray(inputs.old_seqs[1, :73]),
-                             encode_alone(model, "van gogh")[4:77], atol=1e-5)
-  np.testing.assert_allclose(np.asarray(inputs.new_seqs[0, :75]),
-                             encode_alone(model, "")[0:75], atol=1e-5)
   assert inputs.preserve_seqs.shape[0] == 0
   for name in ("concept_vecs", "empty_vec", "old_seqs", "new_seqs"):
     assert getattr(inputs, name).dtype == np.float32
+  # And against separate encodings of each prompt (other programs: float64).
+  inputs = text.build_concept_inputs(model64, concepts, guides=guides).inputs
+  for name in ("concept_vecs", "empty_vec", "old_seqs", "new_seqs", "preserve_seqs"):
+    assert getattr(inputs, name).dtype == np.float64
+  assert_close64(inputs.old_seqs[1, :73], encode_alone(model64, "van gogh")[4:77])
+  assert_close64(inputs.new_seqs[0, :75], encode_alone(model64, "")[0:75])
 
 
 def test_default_guide_is_unconditional(model):
