@@ -19,11 +19,16 @@ Without a GPU build of PyTorch the reference runs on the CPU.
 With `--sets K ...` it measures batched throughput instead: K sets of N
 concepts in one `edit_sets` call against K `edit_projections` calls.
 
+With `--precision float64` the text encoder and the edit run in float64, as
+`scapre-jax erase --precision float64` runs them (docs/reproducibility.md);
+the PyTorch reference, a float32 procedure, is then skipped.
+
 Each configuration runs in a fresh subprocess, so `peak_rss_mib` (ru_maxrss)
 is that configuration's own peak.
 
   python scripts/bench_edit.py --concepts 10 50 100 --json benchmarks/edit_cpu.json
   python scripts/bench_edit.py --concepts 10 --sets 1 2 4 8 --json benchmarks/sets_cpu.json
+  python scripts/bench_edit.py --concepts 10 50 --precision float64 --no-profile
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ import transformers  # noqa: E402
 
 import convert  # noqa: E402
 import scapre_jax  # noqa: E402
-from scapre_jax import edit, models, sets, text, tiny  # noqa: E402
+from scapre_jax import edit, models, precision, sets, text, tiny  # noqa: E402
 from scapre_jax.config import PRESETS, EditConfig  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 
@@ -106,9 +111,9 @@ class BenchModel:
 
 
 @functools.lru_cache(maxsize=2)
-def build_model(shapes_name: str, seed: int) -> BenchModel:
+def build_model(shapes_name: str, seed: int, dtype: str = "float32") -> BenchModel:
   """Random-weight text encoder of `SHAPES[shapes_name]` over the tiny
-  tokenizer's vocab.
+  tokenizer's vocab, computing in `dtype` (the torch copy stays float32).
 
   Params are drawn with numpy (Flax's init compiles slowly on CPU), with the
   scales of tiny.py, and copied into transformers' PyTorch CLIPTextModel.
@@ -128,8 +133,8 @@ def build_model(shapes_name: str, seed: int) -> BenchModel:
   torch_encoder.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
   torch_encoder.eval()
   return BenchModel(
-      text_encoder=models.build("text_encoder", config),
-      text_params=jax.tree.map(jnp.asarray, params),
+      text_encoder=models.build("text_encoder", config, dtype=dtype),
+      text_params=jax.tree.map(lambda a: jnp.asarray(a, models.jax_dtype(dtype)), params),
       tokenizer=tokenizer,
       torch_encoder=torch_encoder)
 
@@ -228,9 +233,9 @@ def shape_groups(kernels, key):
           for names in edit.shape_groups(kernels).values()]
 
 
-def temp_memory_gib(groups, inputs, config, matrix_batch) -> list[float]:
+def temp_memory_gib(groups, inputs, config, matrix_batch, dtype) -> list[float]:
   """XLA's temporary buffer size of each shape group's compiled edit (GiB)."""
-  stats = jax.eval_shape(lambda x: edit.concept_statistics(x, config, jnp.float32), inputs)
+  stats = jax.eval_shape(lambda x: edit.concept_statistics(x, config, dtype), inputs)
   sizes = []
   for stack, keys in groups:
     compiled = edit.edit_kernel_stack.lower(
@@ -247,6 +252,7 @@ def bench_ours(model, kernels, concepts, config, key, *, repeat, matrix_batch,
   runs = {"encode": [], "edit": [], "statistics": [], "solve": []}
   first = {}
   groups = shape_groups(kernels, key)
+  dtype = edit.compute_dtype(next(iter(kernels.values())).dtype)
   for i in range(repeat + 1):
     log(f"ours: run {i}" + (" (compiles)" if i == 0 else ""))
     t_encode, request = timed(text.build_concept_inputs, model, concepts)
@@ -255,7 +261,7 @@ def bench_ours(model, kernels, concepts, config, key, *, repeat, matrix_batch,
     if i == 0:
       # Compiles the per-group programs ahead of time (XLA caches them for the
       # first call), so this time is part of the compile time.
-      t_aot, temp = timed(temp_memory_gib, groups, inputs, config, matrix_batch)
+      t_aot, temp = timed(temp_memory_gib, groups, inputs, config, matrix_batch, dtype)
       log(f"ours: compiled temporaries per shape group {[round(t, 2) for t in temp]} GiB")
       if max(temp) > max_temp_gib:
         raise MemoryError(
@@ -264,7 +270,7 @@ def bench_ours(model, kernels, concepts, config, key, *, repeat, matrix_batch,
     t_edit, _ = timed(edit.edit_projections, kernels, inputs, config, key=key,
                       matrix_batch=matrix_batch)
     log(f"ours: edit_projections in {t_edit:.2f} s")
-    t_stats, stats = timed(edit.concept_statistics, inputs, config, jnp.float32)
+    t_stats, stats = timed(edit.concept_statistics, inputs, config, dtype)
     t_solve = 0.0
     for stack, keys in groups:
       # Positional, as edit_projections calls it, so the compiled program is shared.
@@ -374,10 +380,10 @@ def _bures(stack, solved, matrix_batch):
 def solve_problem(stack, stats, config):
   """Step-6 inputs from real statistics, one mu per matrix as in the engine."""
   count, d_in, d_out = stack.shape
-  mu = 0.2 + 0.01 * jnp.arange(count, dtype=jnp.float32)[:, None, None]
+  mu = 0.2 + 0.01 * jnp.arange(count, dtype=stack.dtype)[:, None, None]
   rhs = jnp.swapaxes(stack, 1, 2) * (config.lamb + 0.2)
   return (edit.scapre_gram(stats, config, mu), rhs,
-          jnp.full((count, d_out), config.erase_scale, jnp.float32))
+          jnp.full((count, d_out), config.erase_scale, stack.dtype))
 
 
 def profile_ours(groups, inputs, stats, config, matrix_batch, *, over_sets=False):
@@ -410,9 +416,10 @@ def profile_ours(groups, inputs, stats, config, matrix_batch, *, over_sets=False
     return out
 
   problem = lambda stack, s: solve_problem(stack, s, config)
+  dtype = edit.compute_dtype(groups[0][0][0].dtype)
   if over_sets:
     add("statistics", lambda x, matrix_batch: sets.set_statistics(
-        x, config, jnp.float32), inputs)
+        x, config, dtype), inputs)
   # The noise has the shapes of one set; every set draws the same.
   one_set = jax.tree.map(lambda x: x[0], inputs) if over_sets else inputs
   for kernels, keys in groups:
@@ -423,7 +430,7 @@ def profile_ours(groups, inputs, stats, config, matrix_batch, *, over_sets=False
       weights = add("mi_mask", _mi_masks, stack, noise, inputs, config=config,
                     set_axes=(None, None, 0))
     else:
-      weights = jnp.ones((count, one_set.num_concepts, d_out), jnp.float32)
+      weights = jnp.ones((count, one_set.num_concepts, d_out), dtype)
       if over_sets:
         weights = jnp.broadcast_to(weights, (inputs.concept_vecs.shape[0],) + weights.shape)
     add("entropy", _entropy, stack, noise, inputs, config=config, set_axes=(None, None, 0))
@@ -619,13 +626,15 @@ def run_edit(args, n: int) -> dict[str, Any]:
   shapes = SHAPES[args.shapes]
   config = EditConfig.preset(args.preset)
   log("building the text encoder")
-  model = build_model(args.shapes, args.seed)
+  model = build_model(args.shapes, args.seed, args.precision)
   d_in = model.text_encoder.config.hidden_size
-  kernels = {k: jnp.asarray(v) for k, v in unet_kernels(shapes, d_in, args.seed).items()}
+  kernels = {k: jnp.asarray(v, args.precision)
+             for k, v in unet_kernels(shapes, d_in, args.seed).items()}
   concepts = concept_names(n)
   key = jax.random.key(args.seed)
   record = {"kind": "edit", "concepts": n, "preset": args.preset, "shapes": args.shapes,
-            "matrices": len(kernels), "d_in": d_in, "loadavg_start": os.getloadavg()}
+            "precision": args.precision, "matrices": len(kernels), "d_in": d_in,
+            "loadavg_start": os.getloadavg()}
   ours, request, stats, groups = bench_ours(
       model, kernels, concepts, config, key, repeat=args.repeat,
       matrix_batch=args.matrix_batch, max_temp_gib=args.max_temp_gib)
@@ -657,13 +666,15 @@ def run_edit(args, n: int) -> dict[str, Any]:
 def run_sets(args, n: int, num_sets: int) -> dict[str, Any]:
   shapes = SHAPES[args.shapes]
   config = EditConfig.preset(args.preset)
-  model = build_model(args.shapes, args.seed)
+  model = build_model(args.shapes, args.seed, args.precision)
   d_in = model.text_encoder.config.hidden_size
-  kernels = {k: jnp.asarray(v) for k, v in unet_kernels(shapes, d_in, args.seed).items()}
+  kernels = {k: jnp.asarray(v, args.precision)
+             for k, v in unet_kernels(shapes, d_in, args.seed).items()}
   names = concept_names(n * num_sets)
   key = jax.random.key(args.seed)
   record = {"kind": "sets", "concepts": n, "sets": num_sets, "preset": args.preset,
-            "shapes": args.shapes, "matrices": len(kernels), "d_in": d_in,
+            "shapes": args.shapes, "precision": args.precision, "matrices": len(kernels),
+            "d_in": d_in,
             "matrix_batch": edit.default_matrix_batch(args.matrix_batch),
             "loadavg_start": os.getloadavg()}
   start = time.perf_counter()
@@ -705,7 +716,8 @@ def run_sets(args, n: int, num_sets: int) -> dict[str, Any]:
     # Where the batched call's time goes, piece by piece, vmapped over the K sets.
     stacked = sets.stack_sets(inputs)
     record["batched_profile_s"] = profile_ours(
-        shape_groups(kernels, key), stacked, sets.set_statistics(stacked, config, jnp.float32),
+        shape_groups(kernels, key), stacked,
+        sets.set_statistics(stacked, config, edit.compute_dtype(args.precision)),
         config, edit.default_matrix_batch(args.matrix_batch), over_sets=True)
   record["loadavg_end"] = os.getloadavg()
   return record
@@ -750,12 +762,18 @@ def parse(argv=None) -> argparse.Namespace:
                       help="timed [old, new] encoder calls of the reference")
   parser.add_argument("--ref-rows", type=int, default=None,
                       help="rows per matrix for the reference's per-row loops (default all)")
+  parser.add_argument("--precision", default="float32", choices=precision.PRECISIONS,
+                      help="float64: text encoder and edit in float64, as erase "
+                           "--precision float64 (no PyTorch reference)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--in-process", action="store_true",
                       help="run every configuration in this process (peaks accumulate)")
   parser.add_argument("--worker", nargs=2, type=int, metavar=("N", "K"),
                       help=argparse.SUPPRESS)  # internal: one config, K = 0 for edit
   args = parser.parse_args(argv)
+  if args.precision == "float64" and args.reference:
+    log("--precision float64: the PyTorch reference (a float32 procedure) is skipped")
+    args.reference = False
   if args.max_temp_gib is None:
     args.max_temp_gib = 0.7 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
   return args
@@ -766,7 +784,8 @@ def _worker_argv(args, n: int, num_sets: int | None, out: pathlib.Path) -> list[
           "--worker", str(n), str(num_sets or 0), "--json", str(out),
           "--preset", args.preset, "--shapes", args.shapes, "--repeat", str(args.repeat),
           "--ref-concepts", str(args.ref_concepts), "--ref-encodes", str(args.ref_encodes),
-          "--seed", str(args.seed), "--max-temp-gib", str(args.max_temp_gib)]
+          "--seed", str(args.seed), "--max-temp-gib", str(args.max_temp_gib),
+          "--precision", args.precision]
   if args.matrix_batch is not None:
     argv += ["--matrix-batch", str(args.matrix_batch)]
   if args.ref_rows is not None:
@@ -802,6 +821,8 @@ def summary(record: dict[str, Any]) -> str:
 
 def main(argv=None) -> list[dict[str, Any]]:
   args = parse(argv)
+  if args.precision == "float64":
+    precision.enable_x64()  # before this process makes any array
   if args.worker:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: stacks
     n, num_sets = args.worker
