@@ -13,10 +13,12 @@ from typing import Literal
 Method = Literal["scapre", "scapre-small", "uce"]
 Technique = Literal["replace", "tensor"]
 MIMode = Literal["released", "canonical"]
+TokenRows = Literal["aligned", "last"]
 
 METHODS: tuple[str, ...] = ("scapre", "scapre-small", "uce")
 TECHNIQUES: tuple[str, ...] = ("replace", "tensor")
 MI_MODES: tuple[str, ...] = ("released", "canonical")
+TOKEN_ROWS: tuple[str, ...] = ("aligned", "last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +27,10 @@ class EditConfig:
 
   `method` picks the solver: "scapre" (large-scale: Sylvester solve + Bures
   step, ALGORITHM.md "Large-scale solver"), "scapre-small" (erase.py solve
-  with entropy rollback) or "uce" (the baseline).
+  with entropy rollback) or "uce" (the baseline). `token_rows`,
+  `guide_templates` and `preserve_empty` are text-side choices that
+  `text.build_concept_inputs` honours (docs/algorithm.md "Text side"): a
+  method is one solver plus a choice of token rows.
   """
 
   method: Method = "scapre"
@@ -62,6 +67,19 @@ class EditConfig:
   projector_rtol: float | None = None
   # Which projections of each cross-attention layer an erase edits.
   targets: tuple[str, ...] = ("to_k", "to_v")
+  # Text side (docs/algorithm.md "Token rows"). Which rows of each encoded
+  # prompt feed the edit: "aligned" = X_j, Y_j from the last concept token to
+  # the end and all rows of a preserve prompt (ScaPre, UCE's edit_model);
+  # "last" = one row per prompt, its last token (UCE's uce_sd_erase.py).
+  token_rows: TokenRows = "aligned"
+  # With templates, a template prompt's guide is the template filled with the
+  # concept's guide ("photo of {guide}", uce_sd_erase.py --expand_prompts)
+  # instead of the guide itself (train_erase.py, ScaPre).
+  guide_templates: bool = False
+  # Also preserve the empty prompt "", put first in the preserve list (the
+  # command line of UCE's train_erase.py always does). The default gamma
+  # counts it as the 1 of 1 + k, as that script does.
+  preserve_empty: bool = False
 
   def __post_init__(self):
     self.validate()
@@ -75,6 +93,9 @@ class EditConfig:
           f"unknown technique {self.technique!r}; expected one of {TECHNIQUES}")
     if self.mi_mode not in MI_MODES:
       raise ValueError(f"unknown mi_mode {self.mi_mode!r}; expected one of {MI_MODES}")
+    if self.token_rows not in TOKEN_ROWS:
+      raise ValueError(
+          f"unknown token_rows {self.token_rows!r}; expected one of {TOKEN_ROWS}")
     positive = {
         "lamb": self.lamb,
         "erase_scale": self.erase_scale,
@@ -107,7 +128,8 @@ class EditConfig:
     if not self.targets or any(t not in ("to_k", "to_v") for t in self.targets):
       raise ValueError(
           f"targets must be a non-empty subset of ('to_k', 'to_v'), got {self.targets!r}")
-    for name in ("mi_mask", "ased", "egbr", "spectral_residual"):
+    for name in ("mi_mask", "ased", "egbr", "spectral_residual", "guide_templates",
+                 "preserve_empty"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 

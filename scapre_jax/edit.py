@@ -56,10 +56,15 @@ def matrix_keys(key: Array, names) -> Array:
 
 
 def preserve_scale(config: EditConfig, inputs: ConceptInputs) -> Array:
-  """gamma: the configured value, or max(0.1, 1 / (1 + k)) for k preserve prompts."""
+  """gamma: the configured value, or max(0.1, 1 / (1 + k)) for k preserve
+  prompts, not counting the "" that `config.preserve_empty` puts first: UCE's
+  train_erase.py takes max(0.1, 1 / len(retain)) of its retain list, "" plus
+  the k prompts given (docs/algorithm.md "UCE baseline")."""
   if config.preserve_scale is not None:
     return jnp.asarray(config.preserve_scale)
   count = jnp.sum(jnp.any(inputs.preserve_mask, axis=-1))
+  if config.preserve_empty:
+    count = jnp.maximum(count - 1, 0)
   return jnp.maximum(0.1, 1.0 / (1.0 + count))
 
 

@@ -220,12 +220,11 @@ def run(job: EraseJob, *, progress: Callable[[str], None] | None = _stderr) -> d
   t0 = time.perf_counter()
   other = unrelated_prompts()
   cache: dict = {}
-  prompts = [p for s in todo for p in _request_prompts(s)] + other
+  prompts = [p for s in todo for p in _request_prompts(s, job.config_for(s))] + other
   text.encode_prompts(model, prompts, batch_size=job.text_batch_size, cache=cache)
-  requests = {s.name: text.build_concept_inputs(
-      model, list(s.concepts), guides=None if s.guides is None else list(s.guides),
-      preserve=list(s.preserve), templates=s.templates,
-      batch_size=job.text_batch_size, cache=cache) for s in todo}
+  requests = {s.name: encode_set(model, s, job.config_for(s),
+                                 batch_size=job.text_batch_size, cache=cache)
+              for s in todo}
   other_seqs, _ = text.encode_prompts(model, other, cache=cache)
   encode_s = time.perf_counter() - t0
   say(f"encode: {len(set(prompts))} prompts of {len(todo)} set(s) in {encode_s:.1f} s")
@@ -260,9 +259,23 @@ def run(job: EraseJob, *, progress: Callable[[str], None] | None = _stderr) -> d
   return summary
 
 
-def _request_prompts(s: ConceptSet) -> list[str]:
+def encode_set(model, concept_set: ConceptSet, config: EditConfig, *,
+               batch_size: int = 16, cache: dict | None = None) -> text.EncodedRequest:
+  """A set's encoded request, with the text-side choices of its config
+  (token rows, templated guides, the preserved empty prompt)."""
+  s = concept_set
+  return text.build_concept_inputs(
+      model, list(s.concepts), guides=None if s.guides is None else list(s.guides),
+      preserve=list(s.preserve), templates=s.templates, token_rows=config.token_rows,
+      guide_templates=config.guide_templates, preserve_empty=config.preserve_empty,
+      batch_size=batch_size, cache=cache)
+
+
+def _request_prompts(s: ConceptSet, config: EditConfig) -> list[str]:
   prompts = text.expand_templates(list(s.concepts), s.templates)
-  guides = list(s.guides) if s.guides else [text.UNCONDITIONAL]
+  guides = text.expand_guides(None if s.guides is None else list(s.guides),
+                              [c.strip() for c in s.concepts], s.templates,
+                              guide_templates=config.guide_templates)
   return prompts + guides + list(s.preserve) + [""]
 
 

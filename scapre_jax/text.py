@@ -1,4 +1,4 @@
-"""Concept encoding: prompts -> `ConceptInputs` (ALGORITHM.md "Text side").
+"""Concept encoding: prompts -> `ConceptInputs` (docs/algorithm.md "Text side").
 
 Every prompt of a request (erased prompts, guides, preserve prompts and the
 empty prompt) is tokenized once, deduplicated by token ids and run through the
@@ -9,8 +9,13 @@ encoder is deterministic, so encoding once gives the same sequences.
 Token positions, with n(p) the attention-mask sum (BOS + tokens + EOS):
   c_j = E(o_j)[n(o_j) - 2]   (last concept token)
   e0  = E("")[1]             (the EOS of the empty prompt)
-  X_j = E(o_j)[f_o : f_o + L_j],  Y_j = E(g_j)[f_n : f_n + L_j]
-  f = n - 2, far = max(f_o, f_n), L_j = 77 - far
+Which rows feed the edit is a choice (docs/algorithm.md "Token rows"):
+  "aligned" (ScaPre, UCE's edit_model):
+    X_j = E(o_j)[f_o : f_o + L_j],  Y_j = E(g_j)[f_n : f_n + L_j],
+    f = n - 2, far = max(f_o, f_n), L_j = 77 - far;  P_k = E(p_k), all rows
+  "last" (UCE's uce_sd_erase.py): one row per prompt, its last token:
+    X_j = E(o_j)[n(o_j) - 2],  Y_j = E(g_j)[n(g_j) - 2],  P_k = E(p_k)[n(p_k) - 2]
+    (a blank guide has n = 2: its row is the start-of-text token)
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ TEMPLATES: dict[str, list[str]] = {
 
 # Guide of an unguided erase: erasing towards the unconditional prompt.
 UNCONDITIONAL = " "
+# The choices of EditConfig.token_rows.
+TOKEN_ROWS = ("aligned", "last")
 _SHOWN_CHARS = 80  # how much of a truncated prompt the warning quotes
 
 
@@ -228,32 +235,82 @@ def _strings(value, name: str) -> list[str]:
   return value
 
 
-def _guides(guides, concepts: list[str], prompts: list[str]) -> list[str]:
-  """One guide per erased prompt; a blank guide is " " (unconditional)."""
+def _guides(guides, concepts: list[str], prompts: list[str], templates=None) -> list[str]:
+  """One guide per erased prompt; a blank guide is " " (unconditional).
+
+  With `templates` (a list), a concept's guide g is itself filled into each
+  template for the concept's template prompts (uce_sd_erase.py); without, g
+  serves them as it is (train_erase.py, ScaPre).
+  """
   if guides is None:
     guides = [UNCONDITIONAL]
   guides = _strings(guides, "guides")
   per_concept = len(prompts) // len(concepts)
+  if len(guides) == len(prompts) and len(guides) != len(concepts):
+    return [g if g.strip() else UNCONDITIONAL for g in guides]
   if len(guides) == 1:
-    guides = guides * len(prompts)
-  elif len(guides) == len(prompts):
-    pass
-  elif len(guides) == len(concepts):
+    guides = guides * len(concepts)
+  elif len(guides) != len(concepts):
+    raise ValueError(
+        f"got {len(guides)} guides for {len(concepts)} concepts and {len(prompts)} "
+        f"erased prompts; give one guide, one per concept or one per erased prompt")
+  if templates:
+    # The concept prompt itself keeps g; "photo of {}" with g = "" is
+    # "photo of ", whose last token is "of", as in the released script.
+    guides = [p for g in guides
+              for p in [g] + [t.format(g.strip(), concept=g.strip()) for t in templates]]
+  else:
     # A concept's guide is used as-is for each of its template prompts, like
     # the released single guide: alignment at the last concept token already
     # pairs "photo of cat" with "dog".
     guides = [g for g in guides for _ in range(per_concept)]
-  else:
-    raise ValueError(
-        f"got {len(guides)} guides for {len(concepts)} concepts and {len(prompts)} "
-        f"erased prompts; give one guide, one per concept or one per erased prompt")
   return [g if g.strip() else UNCONDITIONAL for g in guides]
 
 
+def expand_guides(guides, concepts: Sequence[str], templates=None, *,
+                  guide_templates: bool = False) -> list[str]:
+  """The guide of every erased prompt of `expand_templates(concepts,
+  templates)`, as `build_concept_inputs` pairs them."""
+  concepts = list(concepts)
+  prompts = expand_templates(concepts, templates)
+  return _guides(guides, concepts, prompts,
+                 _templates(templates) if guide_templates else None)
+
+
+def _aligned_rows(old, new, n_old, n_new, kept, n_kept):
+  """Aligned X_j, Y_j (padded to the longest L_j, with a row mask) and whole
+  preserve sequences (docs/algorithm.md "Token rows", "aligned")."""
+  seq_len = old.shape[1]
+  slices = [aligned_slices(a, b, seq_len=seq_len) for a, b in zip(n_old, n_new)]
+  rows = max(length for _, _, length in slices)
+  old_seqs = np.zeros((len(slices), rows, old.shape[2]), old.dtype)
+  new_seqs = np.zeros_like(old_seqs)
+  seq_mask = np.zeros((len(slices), rows), bool)
+  for j, (start_old, start_new, length) in enumerate(slices):
+    old_seqs[j, :length] = old[j, start_old:start_old + length]
+    new_seqs[j, :length] = new[j, start_new:start_new + length]
+    seq_mask[j, :length] = True
+  return old_seqs, new_seqs, seq_mask, kept, np.ones(kept.shape[:2], bool)
+
+
+def _last_rows(old, new, n_old, n_new, kept, n_kept):
+  """One row per prompt, its last token E(p)[n(p) - 2] (docs/algorithm.md
+  "Token rows", "last"); a blank prompt gives its start-of-text row."""
+  def last(embeddings, lengths):
+    return embeddings[np.arange(len(lengths)), np.asarray(lengths) - 2][:, None]
+  old_seqs, new_seqs, preserve = last(old, n_old), last(new, n_new), last(kept, n_kept)
+  return (old_seqs, new_seqs, np.ones(old_seqs.shape[:2], bool), preserve,
+          np.ones(preserve.shape[:2], bool))
+
+
+_ROW_SELECTIONS = {"aligned": _aligned_rows, "last": _last_rows}
+
+
 def build_concept_inputs(model, concepts, *, guides=None, preserve=(), templates=None,
-                         batch_size: int = 16, cache: dict | None = None
-                         ) -> EncodedRequest:
-  """Encodes an erase request into `ConceptInputs` (ALGORITHM.md "Text side").
+                         token_rows: str = "aligned", guide_templates: bool = False,
+                         preserve_empty: bool = False, batch_size: int = 16,
+                         cache: dict | None = None) -> EncodedRequest:
+  """Encodes an erase request into `ConceptInputs` (docs/algorithm.md "Text side").
 
   Args:
     model: a `LoadedModel` (tokenizer, text_encoder, text_params).
@@ -261,21 +318,29 @@ def build_concept_inputs(model, concepts, *, guides=None, preserve=(), templates
     guides: None (erase towards " ", the unconditional prompt), one string for
       every erased prompt, one per concept (used for all its template prompts)
       or one per erased prompt. A blank guide counts as " ".
-    preserve: prompts whose projections are kept. P_k = E(p_k), all 77 rows
-      valid (as UCE's retain terms; the engine adds gamma W P^T P and
-      gamma P^T P). Unlike UCE, "" is not added implicitly: pass it if wanted.
+    preserve: prompts whose projections are kept (the engine adds gamma W P^T P
+      and gamma P^T P, as UCE's retain terms). "" is a valid preserve prompt.
     templates: None, a list of format strings like "photo of {}", or a key of
       TEMPLATES ("art", "object"). Each concept then contributes itself plus
       one erased prompt per template.
+    token_rows: which rows of each prompt feed the edit (`EditConfig.token_rows`):
+      "aligned" (X_j, Y_j aligned at the last concept token, all rows of a
+      preserve prompt) or "last" (the last token of every prompt only).
+    guide_templates: fill a concept's guide into the templates too, for its
+      template prompts (`EditConfig.guide_templates`).
+    preserve_empty: put "" first in the preserve prompts
+      (`EditConfig.preserve_empty`).
     batch_size: text-encoder batch size.
     cache: encodings shared across requests (see `encode_prompts`).
 
   Returns:
-    EncodedRequest with m = len(prompts) concepts of L = max_j L_j rows each,
-    seq_mask[j, :L_j] True; concept_vecs, empty_vec, old_seqs, new_seqs and
+    EncodedRequest with m = len(prompts) concepts of L rows each
+    (seq_mask[j, :L_j] True); concept_vecs, empty_vec, old_seqs, new_seqs and
     preserve_seqs are float32, or float64 when the model's text encoder is
     float64 (the float64 edit of docs/reproducibility.md).
   """
+  if token_rows not in _ROW_SELECTIONS:
+    raise ValueError(f"unknown token_rows {token_rows!r}; expected one of {TOKEN_ROWS}")
   concepts = _strings(concepts, "concepts")
   if not concepts:
     raise ValueError("empty concept list: give at least one concept to erase")
@@ -284,36 +349,29 @@ def build_concept_inputs(model, concepts, *, guides=None, preserve=(), templates
     raise ValueError(f"blank concept at position(s) {blank} of {concepts!r}")
   concepts = [c.strip() for c in concepts]
   prompts = expand_templates(concepts, templates)
-  guides = _guides(guides, concepts, prompts)
-  preserve = _strings(preserve, "preserve")
+  guides = _guides(guides, concepts, prompts,
+                   _templates(templates) if guide_templates else None)
+  preserve = ([""] if preserve_empty else []) + _strings(preserve, "preserve")
   m, k = len(prompts), len(preserve)
 
   embeddings, lengths = encode_prompts(
       model, prompts + guides + preserve + [""], batch_size=batch_size, cache=cache)
-  seq_len = embeddings.shape[1]
   old, new, kept = embeddings[:m], embeddings[m:2 * m], embeddings[2 * m:2 * m + k]
-  n_old, n_new = lengths[:m], lengths[m:2 * m]
+  n_old, n_new, n_kept = lengths[:m], lengths[m:2 * m], lengths[2 * m:2 * m + k]
   empty = [p for p, n in zip(prompts, n_old) if n < 3]
   if empty:
     raise ValueError(f"erased prompt(s) {empty!r} tokenize to no tokens")
 
-  slices = [aligned_slices(a, b, seq_len=seq_len) for a, b in zip(n_old, n_new)]
-  rows = max(length for _, _, length in slices)
-  old_seqs = np.zeros((m, rows, old.shape[2]), embeddings.dtype)
-  new_seqs = np.zeros_like(old_seqs)
-  seq_mask = np.zeros((m, rows), bool)
-  for j, (start_old, start_new, length) in enumerate(slices):
-    old_seqs[j, :length] = old[j, start_old:start_old + length]
-    new_seqs[j, :length] = new[j, start_new:start_new + length]
-    seq_mask[j, :length] = True
+  old_seqs, new_seqs, seq_mask, preserve_seqs, preserve_mask = _ROW_SELECTIONS[token_rows](
+      old, new, n_old, n_new, kept, n_kept)
   inputs = ConceptInputs.create(
       concept_vecs=old[np.arange(m), n_old - 2],
       empty_vec=embeddings[-1, 1],
       old_seqs=old_seqs,
       new_seqs=new_seqs,
       seq_mask=seq_mask,
-      preserve_seqs=kept if k else None,
-      preserve_mask=np.ones(kept.shape[:2], bool) if k else None,
+      preserve_seqs=preserve_seqs if k else None,
+      preserve_mask=preserve_mask if k else None,
   )
   return EncodedRequest(inputs=inputs, concepts=concepts, prompts=prompts,
                         guides=guides, preserve=preserve)

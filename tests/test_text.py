@@ -274,6 +274,50 @@ def test_preserve_sequences_are_whole(model):
   np.testing.assert_array_equal(np.asarray(inputs.preserve_seqs), full[2:])
 
 
+def test_last_token_rows(model):
+  """token_rows="last": one row per prompt, E(p)[n(p) - 2], worked by hand:
+  "x z" has n = 4 (row 2), "a b c d" n = 6 (row 4), a blank guide and ""
+  n = 2 (row 0, the start-of-text token)."""
+  request = text.build_concept_inputs(model, ["x z", "q"], guides=["a b c d", ""],
+                                      preserve=["", "b c d"], token_rows="last")
+  inputs = request.inputs
+  full, lengths = text.encode_prompts(model, ["x z", "q", "a b c d", " ", "", "b c d"])
+  np.testing.assert_array_equal(lengths, [4, 3, 6, 2, 2, 5])
+  assert inputs.old_seqs.shape == inputs.new_seqs.shape == (2, 1, 32)
+  assert inputs.preserve_seqs.shape == (2, 1, 32)
+  assert np.asarray(inputs.seq_mask).all() and np.asarray(inputs.preserve_mask).all()
+  np.testing.assert_array_equal(np.asarray(inputs.old_seqs[:, 0]), [full[0][2], full[1][1]])
+  np.testing.assert_array_equal(np.asarray(inputs.new_seqs[:, 0]), [full[2][4], full[3][0]])
+  np.testing.assert_array_equal(np.asarray(inputs.preserve_seqs[:, 0]),
+                                [full[4][0], full[5][3]])
+  # The start-of-text row is the same for every prompt (causal attention).
+  np.testing.assert_array_equal(full[3][0], full[0][0])
+  # c_j and e0 do not depend on the row choice.
+  aligned = text.build_concept_inputs(model, ["x z", "q"], guides=["a b c d", ""])
+  np.testing.assert_array_equal(inputs.concept_vecs, aligned.inputs.concept_vecs)
+  np.testing.assert_array_equal(inputs.empty_vec, aligned.inputs.empty_vec)
+  with pytest.raises(ValueError, match="unknown token_rows 'first'"):
+    text.build_concept_inputs(model, ["x z"], token_rows="first")
+
+
+def test_guide_templates_and_preserve_empty(model):
+  request = text.build_concept_inputs(
+      model, ["x", "y"], guides=["dog", ""], templates=["photo of {}", "{} art"],
+      guide_templates=True, preserve=["q"], preserve_empty=True)
+  assert request.prompts == ["x", "photo of x", "x art", "y", "photo of y", "y art"]
+  # A blank guide fills in as "" ("photo of ": its last token is "of").
+  assert request.guides == ["dog", "photo of dog", "dog art", " ", "photo of ", " art"]
+  assert text.expand_guides(["dog", ""], ["x", "y"], ["photo of {}", "{} art"],
+                            guide_templates=True) == request.guides
+  assert request.preserve == ["", "q"]
+  full, _ = text.encode_prompts(model, ["", "q"])
+  np.testing.assert_array_equal(np.asarray(request.inputs.preserve_seqs), full)
+  # Guides given one per erased prompt are used as they are.
+  per_prompt = text.build_concept_inputs(model, ["x"], guides=["a", "b"],
+                                         templates=["of {}"], guide_templates=True)
+  assert per_prompt.guides == ["a", "b"]
+
+
 def test_one_encoding_call_per_request(model, monkeypatch):
   calls = []
   original = text.encode_prompts
