@@ -17,7 +17,7 @@ import os
 import pathlib
 import sys
 
-from scapre_jax.config import EditConfig, PRESETS
+from scapre_jax.config import EditConfig, PRESET_HELP, PRESETS
 
 
 def _field_types() -> dict[str, type]:
@@ -68,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--variant", default="sd1", choices=("sd1", "sd2"))
   p.add_argument("--seed", type=int, default=0)
 
-  p = sub.add_parser("erase", help="erase concepts; write edit files and reports")
+  width = max(len(name) for name in PRESETS)
+  p = sub.add_parser(
+      "erase", help="erase concepts; write edit files and reports",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="presets (the paper and the script each reproduces):\n" + "\n".join(
+          f"  {name.ljust(width)}  {PRESET_HELP[name]}" for name in PRESETS))
   p.add_argument("--model", help="diffusers folder or cached Hugging Face id "
                  "(default: the built-in tiny model)")
   what = p.add_mutually_exclusive_group(required=True)
@@ -79,10 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--guides", help="comma-separated guide concepts (default: erase "
                  "towards the unconditional prompt)")
   p.add_argument("--preserve", help="comma-separated concepts to keep")
+  p.add_argument("--preserve-empty", action="store_true",
+                 help="also keep the empty prompt '' (UCE's train_erase.py always "
+                      "does; same as --set preserve_empty=true; with --sets, for "
+                      "every set)")
   p.add_argument("--templates", help="prompt templates: 'art', 'object' or "
                  "';'-separated format strings like 'photo of {}'")
   p.add_argument("--preset", default="scapre", choices=tuple(PRESETS),
-                 help="settings preset (with --sets: for sets that name none)")
+                 help="settings preset, listed below (with --sets: for sets that "
+                      "name none)")
   p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                  dest="overrides", help="override a setting, e.g. --set erase_scale=3")
   p.add_argument("--seed", type=int, default=0)
@@ -155,6 +165,8 @@ def _erase(args) -> int:
                                num_processes=args.num_processes,
                                process_id=args.process_id)
   overrides = tuple(parse_override(o) for o in args.overrides)
+  if args.preserve_empty:
+    overrides += (("preserve_empty", True),)
   erase.enable_compile_cache(args.compile_cache)
   if args.sets:
     for flag in ("guides", "preserve", "templates", "full", "orbax"):
@@ -220,7 +232,7 @@ def _inspect(args) -> int:
   guides = sorted(set(meta.get("guides", [])))
   print(f"guides        {', '.join(repr(g) for g in guides)}")
   if meta.get("preserve"):
-    print(f"preserve      {', '.join(meta['preserve'])}")
+    print(f"preserve      {', '.join(repr(p) if not p.strip() else p for p in meta['preserve'])}")
   print(f"method        {config.get('method')} (preset {meta.get('preset', '?')}, "
         f"seed {meta.get('seed', '?')})")
   print(f"base model    {meta.get('base_fingerprint')}")

@@ -177,8 +177,33 @@ PRESETS: dict[str, dict] = {
         method="scapre-small", lamb=0.5, erase_scale=1.0, mi_mask=True, p=2.0,
         alpha_min=0.8, entropy_samples=20, entropy_bins=20, ased=False,
         technique="replace", noise_sigma=0.01),
-    # Unified Concept Editing, with preserve terms.
+    # Unified Concept Editing (Gandikota et al., WACV 2024), as ScaPre compares
+    # with it: `edit_model` of UCE's train-scripts/train_erase.py. Aligned
+    # rows, whole preserve sequences, only the preserve prompts given.
     "uce": dict(
         method="uce", lamb=0.5, erase_scale=1.0, mi_mask=False, ased=False,
         technique="replace", preserve_scale=None),
+    # train_erase.py as its command line runs it: "" is always preserved and
+    # gamma defaults to max(0.1, 1 / (1 + k)).
+    "uce-train-erase": dict(
+        method="uce", lamb=0.5, erase_scale=1.0, mi_mask=False, ased=False,
+        technique="replace", preserve_scale=None, preserve_empty=True),
+    # UCE as released today: trainscripts/uce_sd_erase.py. One last-token row
+    # per prompt (the default guide "" is the start-of-text token), preserve
+    # prompts by their last token too, preserve scale 1, templated guides.
+    "uce-sd-erase": dict(
+        method="uce", lamb=0.5, erase_scale=1.0, mi_mask=False, ased=False,
+        technique="replace", preserve_scale=1.0, token_rows="last",
+        guide_templates=True),
+}
+
+# One line per preset for `--help` and the README: the paper and the script
+# each reproduces.
+PRESET_HELP: dict[str, str] = {
+    "scapre": "ScaPre (ICLR 2026) large-scale editor: many objects, artists",
+    "scapre-nsfw": "ScaPre large-scale editor, explicit-content settings",
+    "scapre-small": "ScaPre small-scale editor, Imagenette-10 settings",
+    "uce": "UCE (WACV 2024) as ScaPre compares: edit_model of train_erase.py",
+    "uce-train-erase": "UCE train_erase.py as its command line runs: keeps '' too",
+    "uce-sd-erase": "UCE as released now, uce_sd_erase.py: last-token rows",
 }
