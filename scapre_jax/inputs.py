@@ -23,12 +23,14 @@ class ConceptInputs:
   Attributes:
     concept_vecs: (m, d_in) last-token vector c_j of each erased prompt.
     empty_vec: (d_in,) e0, token 1 of the empty prompt.
-    old_seqs: (m, L, d_in) aligned sequences X_j of the erased prompts.
-    new_seqs: (m, L, d_in) aligned sequences Y_j of the guide prompts.
+    old_seqs: (m, L, d_in) rows X_j of the erased prompts: aligned sequences,
+      or L = 1 last-token rows (docs/algorithm.md "Token rows").
+    new_seqs: (m, L, d_in) rows Y_j of the guide prompts, likewise.
     seq_mask: (m, L) bool; rows where it is False are ignored (L_j < L).
     concept_mask: (m,) bool; False marks a padding concept that changes
       nothing.
-    preserve_seqs: (k, L_p, d_in) sequences whose projections are kept.
+    preserve_seqs: (k, L_p, d_in) rows whose projections are kept (whole
+      sequences, or last-token rows).
     preserve_mask: (k, L_p) bool.
   """
 
