@@ -224,11 +224,9 @@ def test_inspect(tiny_dir, tmp_path, capsys):
 
 
 def test_uce_presets_and_the_empty_preserve_prompt(tiny_dir, tmp_path, capsys):
-  """Each UCE preset's text-side choices reach the job: the float32 files are
-  far closer to the float64 transcription of the script the preset names
-  (tests/uce_reference.py) than to the other UCE version's, whose edit differs
-  by O(1) relative."""
-  import torch  # noqa: F401  (the transcriptions)
+  """Each UCE preset's text-side choices reach the job: the float64 files
+  equal the float64 transcription of the script the preset names
+  (tests/uce_reference.py) to 1e-10 of the edit, and the sets file keeps ""."""
   try:
     import uce_reference as uce
   except ImportError:  # pragma: no cover
@@ -238,24 +236,29 @@ def test_uce_presets_and_the_empty_preserve_prompt(tiny_dir, tmp_path, capsys):
       '{"name": "now", "concepts": ["church"], "preserve": ["", "kite"], "preset": "uce-sd-erase"}\n'
       '{"name": "old", "concepts": ["church"], "preset": "uce-train-erase"}\n')
   out = tmp_path / "out"
-  assert run("erase", "--model", tiny_dir, "--sets", path, "--out", out, "--json") == 0
+  assert run("erase", "--model", tiny_dir, "--sets", path, "--out", out, "--json",
+             "--dtype", "float64") == 0
   summary = {s["name"]: s for s in json.loads(capsys.readouterr().out)["sets"]}
   assert summary["now"]["preserve"] == ["", "kite"]
   assert summary["old"]["preserve"] == [""]  # train_erase.py's retain list
   assert summary["now"]["config"]["token_rows"] == "last"
 
-  model = models.load_model(tiny_dir)
+  model = models.load_model(tiny_dir, dtype="float64")
   original = models.cross_attention_kernels(model.unet_params)
-  weights = {n: np.asarray(k, np.float64).T for n, k in original.items()}
-  encode = lambda prompts: text.encode_prompts(model, prompts)[0].astype(np.float64)
-  now = uce.uce_sd_erase(weights, model.tokenizer, encode, ["church"],
-                         preserve_concepts=["", "kite"])
-  old = uce.train_erase_main(weights, model.tokenizer, encode, ["church"])
-  for name, want, other in (("now", now, old), ("old", old, now)):
+  weights = {n: np.asarray(k).T for n, k in original.items()}
+  encode = lambda prompts: text.encode_prompts(model, prompts)[0]
+  want = {
+      "now": uce.uce_sd_erase(weights, model.tokenizer, encode, ["church"],
+                              preserve_concepts=["", "kite"]),
+      "old": uce.train_erase_main(weights, model.tokenizer, encode, ["church"]),
+  }
+  for name, script in want.items():
     got, _ = io.read_edit_file(out / f"{name}.safetensors")
-    for key in original:
-      err = np.linalg.norm(got[key].T - want[key].numpy())
-      assert err < 1e-2 * np.linalg.norm(got[key].T - other[key].numpy()), (name, key)
+    for key, w in original.items():
+      expected = script[key].numpy().T
+      assert got[key].dtype == np.float64
+      err = np.linalg.norm(got[key] - expected)
+      assert err <= 1e-10 * np.linalg.norm(expected - np.asarray(w)), (name, key)
 
   # --preserve-empty is train_erase.py's implicit "": recorded and shown.
   single = tmp_path / "single"
