@@ -6,7 +6,7 @@ by phase: compilation, text encoding, statistics (text-side sums shared by all
 matrices), solve (all per-matrix work: probes, target values, linear solves,
 Bures step), total. Beside it, in
 the same process and on the same inputs, the released procedure in PyTorch
-float32, built from the per-row functions of tests/torch_reference.py in the
+float32, built from the per-row functions of scapre_jax.reference in the
 loop order of the released erase_scale.py (text encoder re-run per matrix and
 concept, MI masks and histograms per row, one Cholesky per row), and the same
 with the encoding hoisted out. The reference is timed on a sample (one matrix
@@ -67,7 +67,7 @@ import convert  # noqa: E402
 import scapre_jax  # noqa: E402
 from scapre_jax import edit, models, precision, sets, text, tiny  # noqa: E402
 from scapre_jax.config import PRESETS, EditConfig  # noqa: E402
-from tests import torch_reference as ref  # noqa: E402
+from scapre_jax import reference as ref  # noqa: E402
 
 CONCEPT_LISTS = ROOT / "scapre_jax" / "data" / "concept_lists.json"
 

@@ -1,5 +1,5 @@
 """The JAX engine against the PyTorch float64 transcription of the released
-algorithm (tests/torch_reference.py): every preset, both techniques, with and
+algorithm (scapre_jax.reference): every preset, both techniques, with and
 without MI mask, ASED, EGBR and preserve terms, on small and SD-1.5 shapes.
 
 The MI mask is decided by which side of a row median each probe falls, so the
@@ -18,10 +18,7 @@ import pytest
 import scapre_jax as sj
 from scapre_jax._src.probes import draw_probe_noise
 
-try:
-  import torch_reference as ref
-except ImportError:  # pragma: no cover - run from the repository root
-  from tests import torch_reference as ref
+from scapre_jax import reference as ref
 
 
 @dataclasses.dataclass

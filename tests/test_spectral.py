@@ -4,10 +4,7 @@ import numpy as np
 
 from scapre_jax._src import spectral
 
-try:
-  import torch_reference as ref
-except ImportError:  # pragma: no cover
-  from tests import torch_reference as ref
+from scapre_jax import reference as ref
 
 
 def basis(c, mask=None):

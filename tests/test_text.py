@@ -12,10 +12,7 @@ from scapre_jax import models
 from scapre_jax import text
 from scapre_jax import tiny
 
-try:
-  import torch_reference as ref
-except ImportError:
-  from tests import torch_reference as ref
+from scapre_jax import reference as ref
 
 # The tiny vocabulary (tiny.py) is CLIP-ordered: 256 byte symbols, the same
 # 256 with "</w>" (ids 256-511), 300 merges (512-811), then BOS and EOS. The

@@ -1,4 +1,4 @@
-"""Self-checks of the PyTorch reference (tests/torch_reference.py).
+"""Self-checks of the PyTorch reference (scapre_jax.reference).
 
 Small shapes only (d_in = 12, d_out = 7, m = 3): these run in a second or two.
 Hand-worked cases for the estimators, an independent (Kronecker / numpy) solve
@@ -15,10 +15,7 @@ import pytest
 import scipy.linalg
 import torch
 
-try:
-  import torch_reference as ref
-except ImportError:  # tests/ imported as a package
-  from tests import torch_reference as ref
+from scapre_jax import reference as ref
 
 from scapre_jax.config import EditConfig
 

@@ -1,6 +1,8 @@
-"""PyTorch float64 reference of ScaPre, transcribed literally from ALGORITHM.md.
+"""PyTorch float64 reference of ScaPre, transcribed literally from docs/algorithm.md.
 
-This module is the yardstick the JAX engine is tested against. It is written
+This module is the yardstick the JAX engine is tested against, and what
+`scapre-jax verify` recomputes an edit with. It needs PyTorch (the optional
+`[torch]` extra: pip install 'scapre-jax[torch]'). It is written
 the way the authors' released code computes things, on purpose NOT vectorised
 and NOT clever: per-row loops, one Cholesky factorisation and solve per row,
 `torch.median` (the lower median), `torch.histc` binning, Python loops over
@@ -14,9 +16,9 @@ Conventions:
   * Randomness is injected: the estimators take standard-normal samples and
     scale them by sigma (`config.noise_sigma`) inside, so the JAX side can be
     fed exactly the same draws.
-  * Section names in the docstrings refer to /work/shared/ALGORITHM.md.
+  * Section names in the docstrings refer to docs/algorithm.md.
 
-Deliberate choices where ALGORITHM.md leaves room (see also the report):
+Deliberate choices where docs/algorithm.md leaves room:
   * MI mask, `released` mode only: per-row counts, probabilities, logs and the
     four-term sum are float32 (as in the released code); the per-row MI is
     then stored in a float64 vector, so the standardisation and the sigmoid
@@ -36,7 +38,13 @@ import math
 from typing import Sequence
 
 import numpy as np
-import torch
+
+try:
+  import torch
+except ImportError as err:  # pragma: no cover - depends on the environment
+  raise ImportError(
+      "scapre_jax.reference needs PyTorch, which is not installed; install it with "
+      "pip install 'scapre-jax[torch]'") from err
 
 EPS = 1e-8
 DTYPE = torch.float64
@@ -90,7 +98,7 @@ def lower_median(x: torch.Tensor) -> torch.Tensor:
 
 def released_token_positions(attention_mask_old: int, attention_mask_new: int,
                              *, seq_len: int = 77):
-  """ALGORITHM.md "Text side": aligned slices of the (old, guide) pair.
+  """docs/algorithm.md "Text side": aligned slices of the (old, guide) pair.
 
   Args:
     attention_mask_old: n(o_j), the attention-mask sum of the old prompt.
@@ -116,7 +124,7 @@ def released_token_positions(attention_mask_old: int, attention_mask_new: int,
 
 
 def entropy_factor(W, concept_vecs, noise, *, sigma, bins) -> torch.Tensor:
-  """ALGORITHM.md "Entropy factor e (per row of W)".
+  """docs/algorithm.md "Entropy factor e (per row of W)".
 
   Sample s of concept j is c_j + sigma * noise[j, s]; activations are stacked
   j-major into (d_out, m*S), min-max normalised per row (+1e-8), binned with
@@ -154,7 +162,7 @@ def entropy_factor(W, concept_vecs, noise, *, sigma, bins) -> torch.Tensor:
 
 def mi_soft_mask(W, c_vec, empty_vec, pos_noise, neg_noise, *, sigma,
                  temperature, power) -> torch.Tensor:
-  """ALGORITHM.md "MI soft mask r_j (the Informax Decoupler)", `released` mode.
+  """docs/algorithm.md "MI soft mask r_j (the Informax Decoupler)", `released` mode.
 
   Positives c + sigma * pos_noise[k], negatives e0 + sigma * neg_noise[k];
   acts = W [pos; neg]^T (d_out, 2K); per row the lower median tau, z = acts >
@@ -213,7 +221,7 @@ def mi_soft_mask(W, c_vec, empty_vec, pos_noise, neg_noise, *, sigma,
 
 
 def ased_regulariser(C, mu, *, temperature, power) -> torch.Tensor:
-  """ALGORITHM.md "Large-scale solver" step 2 (ASED spectral regulariser).
+  """docs/algorithm.md "Large-scale solver" step 2 (ASED spectral regulariser).
 
   Thin SVD C^T = U diag(s) V^T; gate = sigmoid((s - lower_median(s)) /
   (T_sigma + 1e-8)) ** p_sigma; R = U diag((1 - gate) * mu) U^T.
@@ -232,7 +240,7 @@ def ased_regulariser(C, mu, *, temperature, power) -> torch.Tensor:
 
 
 def concept_projector(C) -> torch.Tensor:
-  """ALGORITHM.md "Large-scale solver" step 4, the released formula.
+  """docs/algorithm.md "Large-scale solver" step 4, the released formula.
 
   Pi = C^T (C C^T + 1e-8 I)^{-1} C, shape (d_in, d_in).
   """
@@ -244,7 +252,7 @@ def concept_projector(C) -> torch.Tensor:
 
 
 def targets(W, old_seq, new_seq, technique) -> torch.Tensor:
-  """ALGORITHM.md "Per matrix W (shared pieces)": target values V_j.
+  """docs/algorithm.md "Per matrix W (shared pieces)": target values V_j.
 
   replace: V_j = Y_j W^T. tensor: u = X_j W^T / ||X_j W^T||_F, v = Y_j W^T,
   V_j = v - <u, v>_F u.
@@ -274,7 +282,7 @@ def _outer_sum(left_rows: torch.Tensor, right_rows: torch.Tensor) -> torch.Tenso
 
 
 def bures_prox(W0, We, *, mu, lam_prox, iters) -> torch.Tensor:
-  """ALGORITHM.md "Large-scale solver" step 7 (Bures proximal step), per row.
+  """docs/algorithm.md "Large-scale solver" step 7 (Bures proximal step), per row.
 
   a = ||w_e||, u_a = w_e / a, r0 = ||w_0||, u0 = w_0 / r0 (norms clamped to
   >= 1e-8); u = u_a; repeat max(1, iters) times: kappa = max(u . u0, 0),
@@ -301,7 +309,7 @@ def bures_prox(W0, We, *, mu, lam_prox, iters) -> torch.Tensor:
 
 
 def egbr(W0, Wb, h) -> torch.Tensor:
-  """ALGORITHM.md "Large-scale solver" step 8 (EGBR safety valve), per row.
+  """docs/algorithm.md "Large-scale solver" step 8 (EGBR safety valve), per row.
 
   alpha = 1 - exp(-h / max(max(h), 1e-6)); beta = alpha * max(cos(w0, wb), 0);
   direction normalise((1 - beta) u0 + beta ub); squared norm
@@ -328,7 +336,7 @@ def egbr(W0, Wb, h) -> torch.Tensor:
 
 
 def spectral_residual_term(W, C, *, temperature, power) -> torch.Tensor:
-  """ALGORITHM.md "Small-scale solver", the optional spectral residual (--svd).
+  """docs/algorithm.md "Small-scale solver", the optional spectral residual (--svd).
 
   Thin SVD C^T = U diag(s) V^T; w = sigmoid((s - lower_median(s)) /
   (T_sigma + 1e-8)) ** p_sigma; P = I - U diag(w) U^T; C_res = P C^T.
@@ -346,7 +354,7 @@ def spectral_residual_term(W, C, *, temperature, power) -> torch.Tensor:
 
 
 def scapre_row_solve(G, Pi, B, alpha) -> torch.Tensor:
-  """ALGORITHM.md "Large-scale solver" step 6: w_i (G + alpha_i Pi) = b_i.
+  """docs/algorithm.md "Large-scale solver" step 6: w_i (G + alpha_i Pi) = b_i.
 
   One Cholesky factorisation and one cholesky_solve per row, as the released
   code does. G, Pi: (d_in, d_in) symmetric; B: (d_out, d_in); alpha: (d_out,).
@@ -424,9 +432,9 @@ def reference_edit(W, concept_vecs, empty_vec, old_seqs, new_seqs, config,
     preserve_seqs: list of (L_k, d_in) preserve sequences P_k.
 
   Methods:
-    "scapre": ALGORITHM.md "Large-scale solver" steps 1-8.
-    "scapre-small": ALGORITHM.md "Small-scale solver".
-    "uce": ALGORITHM.md "Baseline: UCE".
+    "scapre": docs/algorithm.md "Large-scale solver" steps 1-8.
+    "scapre-small": docs/algorithm.md "Small-scale solver".
+    "uce": docs/algorithm.md "Baseline: UCE".
   """
   method = config.method
   if method not in ("scapre", "scapre-small", "uce"):
