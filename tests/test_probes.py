@@ -1,5 +1,6 @@
 """MI soft mask and entropy factor on hand-worked inputs."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -110,3 +111,67 @@ def test_probe_noise_per_concept_independent_of_set_size():
     np.testing.assert_array_equal(getattr(small, name), getattr(large, name)[:3])
   assert small.entropy.shape == (3, 4, 5)
   assert not np.allclose(small.mi_pos[0], small.mi_pos[1])
+
+
+# -- released mode: torch's float32 standardisation -------------------------------------
+
+
+def _float32_vectors(seed, n):
+  """Random float32 rows, and rows tied at log 2 up to one float32 step."""
+  rng = np.random.default_rng(seed)
+  ln2 = np.float32(np.log(2))
+  tied = np.where(rng.random(n) < rng.random(), ln2, np.nextafter(ln2, np.float32(0)))
+  return [rng.standard_normal(n).astype(np.float32), tied.astype(np.float32),
+          rng.uniform(0, 0.7, n).astype(np.float32)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 31, 77, 320, 333, 640, 1280, 2600])
+def test_torch_reductions_match_torch_bit_for_bit(n):
+  import torch
+  from scapre_jax._src import reductions
+  for x in _float32_vectors(n, n):
+    t = torch.from_numpy(x)
+    np.testing.assert_array_equal(reductions.torch_sum(jnp.asarray(x)), t.sum().numpy())
+    mean = jax.jit(reductions.torch_mean)(jnp.asarray(x))
+    np.testing.assert_array_equal(mean, t.mean().numpy())
+    if n > 1:
+      # float64 inside, rounded once to float32: equal unless the float64
+      # value lies within about 1e-14 of a float32 rounding boundary, which
+      # these fixed inputs do not.
+      np.testing.assert_array_equal(jax.jit(reductions.torch_std)(jnp.asarray(x), mean),
+                                    t.std().numpy())
+
+
+def tied_rows_case(d_out, seed):
+  """The issue's case: every row separates the concept from the empty prompt
+  (sigma = 0), some firing above it and some below, so every MI value is
+  log 2 up to one float32 step. d_in = 2: concept (1, 0), empty (0, 1)."""
+  rng = np.random.default_rng(seed)
+  scale = rng.uniform(0.5, 2.0, d_out)
+  above = rng.random(d_out) < rng.uniform(0.1, 0.9)
+  weight = np.where(above[:, None], [1.0, 0.0], [0.0, 1.0]) * scale[:, None]
+  return weight.astype(np.float32), above
+
+
+@pytest.mark.parametrize("d_out,seed", [(320, 0), (1280, 2), (333, 3)])
+def test_released_mask_on_tied_rows_equals_torch_float32(d_out, seed):
+  import torch
+  from scapre_jax import reference
+  weight, above = tied_rows_case(d_out, seed)
+  concept, empty = np.array([[1.0, 0.0]], np.float32), np.array([0.0, 1.0], np.float32)
+  k, power, temperature = 5, 8.0, 0.7
+  zeros = np.zeros((1, k, 2), np.float32)
+  got = probes.mi_soft_mask(jnp.asarray(weight), concept, empty, zeros, zeros,
+                            jnp.array([True]), sigma=0.0, temperature=temperature,
+                            power=power, mode="released")[0]
+  with reference.precision(torch.float32):
+    want = reference.mi_soft_mask(weight, concept[0], empty, zeros[0], zeros[0], sigma=0.0,
+                                  temperature=temperature, power=power).numpy()
+  assert want.dtype == np.float32 and got.dtype == jnp.float32
+  # Two weight levels, the rows above the empty prompt against those below.
+  assert len(np.unique(want[above])) == 1 and len(np.unique(want[~above])) == 1
+  # Mean, std and the divisions are torch's, bit for bit; sigmoid and pow are
+  # two implementations of the same functions, each within about 1 ulp
+  # (2 ulp apart measured), and the power p = 8 multiplies a relative error
+  # by 8: 2 * 8 + 2 = 18 ulp, rounded up to 32 ulp of float32.
+  np.testing.assert_allclose(got, want, rtol=32 * 2.0 ** -24, atol=0)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from scapre_jax._src.typing import Array, Bool, Float
 
+from scapre_jax._src import reductions
 from scapre_jax._src.targets import einsum
 from scapre_jax.precision import EPS
 
@@ -80,9 +81,10 @@ def mi_soft_mask(
   """Row weights r_j of every concept; zero for padding concepts.
 
   mode "released" forms the MI exactly as the released code: float32 cell
-  counts, the four terms summed in the order 11, 10, 01, 00, float32
-  standardisation. mode "canonical" (our departure, see README) makes the MI
-  a function of the cell counts alone: the four terms are summed in sorted
+  counts, the four terms summed in the order 11, 10, 01, 00, standardised
+  with torch's mean and std (in float32, torch's order of additions and
+  rounding). mode "canonical" (our departure, see README) makes the MI a
+  function of the cell counts alone: the four terms are summed in sorted
   order, so rows whose cells are a permutation of each other (a concept firing
   above vs. below the empty prompt) get bit-identical MI, and rows tied at the
   maximum get equal weight instead of weights decided by one float ulp.
@@ -98,15 +100,21 @@ def mi_soft_mask(
   dtype = jnp.float32 if mode == "released" else weight.dtype
   mi = _mutual_information(*counts, total=2 * num_pos, dtype=dtype,
                            ordered=mode == "released")
-  mean = jnp.mean(mi, axis=-1, keepdims=True)
-  std = jnp.std(mi, axis=-1, keepdims=True, ddof=1)
-  standard = (mi - mean) / (std + EPS)
-  weights = jax.nn.sigmoid(standard / temperature) ** power
-  return jnp.where(concept_mask[:, None], weights.astype(weight.dtype), 0)
+  # The standardisation runs in the weights' dtype (float32 MI values are
+  # exact in float64) with torch's float32 mean and std: where every row
+  # separates, the MI values tie up to one float32 step and the rounding of
+  # these two numbers decides the mask (reductions.py).
+  mi = mi.astype(weight.dtype)
+  mean = reductions.torch_mean(mi)[:, None]
+  std = reductions.torch_std(mi, mean[:, 0])[:, None]
+  standard = reductions.true_divide(mi - mean, std + EPS)
+  weights = jax.nn.sigmoid(reductions.true_divide(standard, temperature)) ** power
+  return jnp.where(concept_mask[:, None], weights, 0)
 
 
 def _mutual_information(n11, n10, n01, n00, *, total, dtype, ordered):
-  p11, p10, p01, p00 = ((n.astype(dtype) + EPS) / total for n in (n11, n10, n01, n00))
+  p11, p10, p01, p00 = (reductions.true_divide(n.astype(dtype) + EPS, total)
+                        for n in (n11, n10, n01, n00))
   p1_, p0_ = p11 + p10, p01 + p00
   p_1, p_0 = p11 + p01, p10 + p00
   terms = (p11 * jnp.log(p11 / (p1_ * p_1)), p10 * jnp.log(p10 / (p1_ * p_0)),
