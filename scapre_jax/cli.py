@@ -5,6 +5,7 @@
   scapre-jax erase --sets sets.jsonl --out OUT [--model M] ...
   scapre-jax apply --model M --edit FILE --out DIR
   scapre-jax inspect FILE
+  scapre-jax verify --model M --edit FILE   recompute FILE with the PyTorch reference
   scapre-jax generate --model M [--edit FILE] --prompts "..." --out grid.png
 """
 
@@ -122,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--edit", required=True)
   p.add_argument("--out", required=True)
   p.add_argument("--overwrite", action="store_true")
+
+  p = sub.add_parser("verify", help="recompute an edit file with the PyTorch reference "
+                     "and compare (needs torch)")
+  p.add_argument("--model", help="the base model the edit was made for (default: the "
+                 "built-in tiny model)")
+  p.add_argument("--edit", required=True, help="edit file written by scapre-jax erase")
+  p.add_argument("--no-unet", action="store_true",
+                 help="skip running the PyTorch and Flax UNets on the written weights")
+  p.add_argument("--quiet", action="store_true", help="no progress lines")
 
   p = sub.add_parser("inspect", help="show what an edit file holds")
   p.add_argument("file")
@@ -250,6 +260,17 @@ def _inspect(args) -> int:
   return 0
 
 
+def _verify(args) -> int:
+  import jax
+  jax.config.update("jax_enable_x64", True)  # the reference's float64 and the UNet check
+  from scapre_jax import erase, verify
+  model = args.model if args.model is not None else erase.ensure_tiny_model()
+  result = verify.run(model, args.edit, unet=not args.no_unet,
+                      progress=None if args.quiet else erase._stderr)
+  print(verify.format_result(result, args.edit))
+  return 0 if result.ok else 1
+
+
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
@@ -265,6 +286,8 @@ def main(argv=None) -> int:
       return 0
     if args.command == "inspect":
       return _inspect(args)
+    if args.command == "verify":
+      return _verify(args)
     if args.command == "generate":
       from scapre_jax import erase, generate
       erase.enable_compile_cache(args.compile_cache)

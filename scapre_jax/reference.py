@@ -19,10 +19,13 @@ Conventions:
   * Section names in the docstrings refer to docs/algorithm.md.
 
 Deliberate choices where docs/algorithm.md leaves room:
-  * MI mask, `released` mode only: per-row counts, probabilities, logs and the
+  * MI mask, `released` mode: per-row counts, probabilities, logs and the
     four-term sum are float32 (as in the released code); the per-row MI is
-    then stored in a float64 vector, so the standardisation and the sigmoid
-    run in float64 (the released code run with a float64 default dtype).
+    then stored in a vector of the reference dtype, so the standardisation
+    and the sigmoid run in float64 (the released code run with a float64
+    default dtype), or in float32 under `precision(torch.float32)`, with
+    torch's own mean and std. `canonical` mode (config.mi_mode) is
+    scapre-jax's departure, transcribed too.
   * One MI-mask draw per concept serves both r_j and r_max (the released code
     draws the mask twice per concept).
   * Preserve sequences are honoured in every solver (gamma * W P^T P and
@@ -161,7 +164,7 @@ def entropy_factor(W, concept_vecs, noise, *, sigma, bins) -> torch.Tensor:
 
 
 def mi_soft_mask(W, c_vec, empty_vec, pos_noise, neg_noise, *, sigma,
-                 temperature, power) -> torch.Tensor:
+                 temperature, power, mode="released") -> torch.Tensor:
   """docs/algorithm.md "MI soft mask r_j (the Informax Decoupler)", `released` mode.
 
   Positives c + sigma * pos_noise[k], negatives e0 + sigma * neg_noise[k];
@@ -170,6 +173,10 @@ def mi_soft_mask(W, c_vec, empty_vec, pos_noise, neg_noise, *, sigma,
   `.sum().float() + 1e-8`, divided by 2K, MI summed in the order 11, 10, 01,
   00 (float32). Then, in float64, mi_std = (mi - mean) / (std_unbiased +
   1e-8) and r = sigmoid(mi_std / T) ** p.
+
+  mode "canonical" (scapre-jax's departure, docs/algorithm.md): the counts,
+  probabilities and logs in the reference dtype, the four terms summed in
+  ascending order.
 
   Args:
     W: (d_out, d_in); c_vec, empty_vec: (d_in,);
@@ -193,31 +200,40 @@ def mi_soft_mask(W, c_vec, empty_vec, pos_noise, neg_noise, *, sigma,
   acts = W @ samples.t()  # (d_out, 2K)
   tau = acts.median(dim=1, keepdim=True).values  # lower median
   Z = (acts > tau).long()
-  two_k = 2 * num_pos
   mi = torch.zeros(out_dim, dtype=DTYPE)
+  if mode not in ("released", "canonical"):
+    raise ValueError(f"unknown mi mode {mode!r}")
+  cell_dtype = torch.float32 if mode == "released" else DTYPE
   for i in range(out_dim):
     z = Z[i]
-    # float32 counts, exactly as the released code (whatever the model dtype).
-    n11 = ((z == 1) & (labels == 1)).sum().float() + EPS
-    n10 = ((z == 1) & (labels == 0)).sum().float() + EPS
-    n01 = ((z == 0) & (labels == 1)).sum().float() + EPS
-    n00 = ((z == 0) & (labels == 0)).sum().float() + EPS
-    p11 = n11 / two_k
-    p10 = n10 / two_k
-    p01 = n01 / two_k
-    p00 = n00 / two_k
-    p1_ = p11 + p10
-    p0_ = p01 + p00
-    p_1 = p11 + p01
-    p_0 = p10 + p00
-    value = p11 * torch.log(p11 / (p1_ * p_1))
-    value = value + p10 * torch.log(p10 / (p1_ * p_0))
-    value = value + p01 * torch.log(p01 / (p0_ * p_1))
-    value = value + p00 * torch.log(p00 / (p0_ * p_0))
-    mi[i] = value.to(DTYPE)
+    cells = [int(((z == a) & (labels == b)).sum()) for a, b in ((1, 1), (1, 0), (0, 1), (0, 0))]
+    mi[i] = mi_from_counts(*cells, dtype=cell_dtype, ordered=mode == "released")
   mi_std = (mi - mi.mean()) / (mi.std() + EPS)  # std: unbiased (ddof = 1)
   r = torch.sigmoid(mi_std / temperature) ** power
   return r.to(DTYPE)
+
+
+def mi_from_counts(n11: int, n10: int, n01: int, n00: int, *, dtype=torch.float32,
+                   ordered: bool = True) -> float:
+  """The MI of one row's 2x2 table: cells `.sum().float() + 1e-8` (float32,
+  as the released code, whatever the model dtype), divided by 2K, terms
+  p_ab log(p_ab / (p_a. p_.b)) summed in the order 11, 10, 01, 00
+  (`ordered`), or ascending (canonical mode, in `dtype`)."""
+  two_k = n11 + n10 + n01 + n00
+  p11, p10, p01, p00 = ((torch.tensor(n).to(dtype) + EPS) / two_k
+                        for n in (n11, n10, n01, n00))
+  p1_ = p11 + p10
+  p0_ = p01 + p00
+  p_1 = p11 + p01
+  p_0 = p10 + p00
+  terms = [p11 * torch.log(p11 / (p1_ * p_1)), p10 * torch.log(p10 / (p1_ * p_0)),
+           p01 * torch.log(p01 / (p0_ * p_1)), p00 * torch.log(p00 / (p0_ * p_0))]
+  if not ordered:
+    terms = sorted(terms, key=float)
+  value = terms[0]
+  for term in terms[1:]:
+    value = value + term
+  return float(value)
 
 
 def ased_regulariser(C, mu, *, temperature, power) -> torch.Tensor:
@@ -399,10 +415,6 @@ def _mi_masks(W, concepts, empty_vec, noise, config) -> list[torch.Tensor]:
   out_dim = W.shape[0]
   if not config.mi_mask:
     return [torch.ones(out_dim, dtype=DTYPE) for _ in concepts]
-  if getattr(config, "mi_mode", "released") != "released" and config.p != 0:
-    raise NotImplementedError(
-        "the torch reference implements only mi_mode='released' "
-        f"(got {config.mi_mode!r})")
   pos_all = _t(noise["mi_pos"])
   neg_all = _t(noise["mi_neg"])
   if pos_all.shape[1] != config.mi_num_pos or neg_all.shape[1] != config.mi_num_pos:
@@ -413,7 +425,7 @@ def _mi_masks(W, concepts, empty_vec, noise, config) -> list[torch.Tensor]:
   for j, c in enumerate(concepts):
     masks.append(mi_soft_mask(
         W, c, empty_vec, pos_all[j], neg_all[j], sigma=config.noise_sigma,
-        temperature=config.mi_temperature, power=config.p))
+        temperature=config.mi_temperature, power=config.p, mode=config.mi_mode))
   return masks
 
 

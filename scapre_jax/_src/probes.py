@@ -9,9 +9,14 @@ whether it sits in a set of 3 or in a padded set of 300.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from scapre_jax._src.typing import Array, Bool, Float
 
 from scapre_jax._src import reductions
@@ -95,11 +100,11 @@ def mi_soft_mask(
   acts = einsum("oi,mki->mok", weight, jnp.concatenate([pos, neg], axis=1))
   fired = above_lower_median(acts)
   label = jnp.arange(2 * num_pos) < num_pos
-  counts = [jnp.sum((fired == a) & (label == b), axis=-1)
-            for a, b in ((True, True), (True, False), (False, True), (False, False))]
+  n11 = jnp.sum(fired & label, axis=-1)
+  n10 = jnp.sum(fired & ~label, axis=-1)
   dtype = jnp.float32 if mode == "released" else weight.dtype
-  mi = _mutual_information(*counts, total=2 * num_pos, dtype=dtype,
-                           ordered=mode == "released")
+  table = mutual_information_table(num_pos, np.dtype(dtype).name, mode == "released")
+  mi = jnp.asarray(table)[n11, n10]
   # The standardisation runs in the weights' dtype (float32 MI values are
   # exact in float64) with torch's float32 mean and std: where every row
   # separates, the MI values tie up to one float32 step and the rounding of
@@ -112,17 +117,50 @@ def mi_soft_mask(
   return jnp.where(concept_mask[:, None], weights, 0)
 
 
-def _mutual_information(n11, n10, n01, n00, *, total, dtype, ordered):
-  p11, p10, p01, p00 = (reductions.true_divide(n.astype(dtype) + EPS, total)
-                        for n in (n11, n10, n01, n00))
-  p1_, p0_ = p11 + p10, p01 + p00
-  p_1, p_0 = p11 + p01, p10 + p00
-  terms = (p11 * jnp.log(p11 / (p1_ * p_1)), p10 * jnp.log(p10 / (p1_ * p_0)),
-           p01 * jnp.log(p01 / (p0_ * p_1)), p00 * jnp.log(p00 / (p0_ * p_0)))
-  if ordered:
-    return ((terms[0] + terms[1]) + terms[2]) + terms[3]
-  terms = jnp.sort(jnp.stack(terms, axis=-1), axis=-1)
-  return ((terms[..., 0] + terms[..., 1]) + terms[..., 2]) + terms[..., 3]
+_RELEASED_TABLE = pathlib.Path(__file__).parent.parent / "data" / "mi_released_float32.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _released_tables() -> dict[int, np.ndarray]:
+  tables = json.loads(_RELEASED_TABLE.read_text("utf-8"))["tables"]
+  return {int(k): np.asarray(v, np.float32) for k, v in tables.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def mutual_information_table(num_pos: int, dtype: str, ordered: bool) -> np.ndarray:
+  """MI of every 2x2 table of K = num_pos positives and K negatives:
+  entry [n11, n10] (n01 = K - n11, n00 = K - n10), shape (K + 1, K + 1).
+
+  The MI depends on the counts alone, so it is a table, not device code:
+  XLA's log and its fused multiply-adds round some of these values one ulp
+  away from torch's, and with every row tied at log 2 one ulp decides the
+  mask. Released mode (`ordered`, float32) for K <= 16 reads torch's own
+  float32 values (scripts/mi_table.py wrote them; torch's float32 log is
+  SLEEF's, not correctly rounded). Otherwise the table is computed here, one
+  IEEE operation at a time in `dtype`: cells (n + 1e-8) / 2K, the terms
+  p_ab log(p_ab / (p_a. p_.b)) with the C library's log, summed in the order
+  11, 10, 01, 00 (`ordered`) or ascending (canonical mode).
+  """
+  if ordered and dtype == "float32" and num_pos in _released_tables():
+    return _released_tables()[num_pos]
+  t = np.dtype(dtype).type
+  total = t(2 * num_pos)
+  table = np.zeros((num_pos + 1, num_pos + 1), dtype)
+  for n11 in range(num_pos + 1):
+    for n10 in range(num_pos + 1):
+      p11, p10, p01, p00 = (t(t(n) + t(EPS)) / total
+                            for n in (n11, n10, num_pos - n11, num_pos - n10))
+      p1_, p0_, p_1, p_0 = t(p11 + p10), t(p01 + p00), t(p11 + p01), t(p10 + p00)
+      terms = [t(p * t(math.log(t(p / t(a * b)))))
+               for p, a, b in ((p11, p1_, p_1), (p10, p1_, p_0), (p01, p0_, p_1),
+                               (p00, p0_, p_0))]
+      if not ordered:
+        terms.sort()
+      value = terms[0]
+      for term in terms[1:]:
+        value = t(value + term)
+      table[n11, n10] = value
+  return table
 
 
 def entropy_factor(
