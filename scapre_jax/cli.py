@@ -200,7 +200,23 @@ def _erase(args) -> int:
     print(json.dumps(summary, indent=2))
   elif not args.quiet:
     print(format_summary(summary))
+  note = rounding_note(summary)
+  if note and not args.quiet:
+    print(note, file=sys.stderr)
   return 0
+
+
+def rounding_note(summary: dict) -> str | None:
+  """One line when some matrix's MI mask is decided by float32 rounding
+  (report.json: layers.*.mi_by_rounding), else None."""
+  matrices = sum(1 for s in summary["sets"] for e in s.get("layers", {}).values()
+                 if e.get("mi_by_rounding"))
+  if not matrices:
+    return None
+  return (f"note: in {matrices} matrices the MI mask of some concept is decided by float32 "
+          "rounding (every row separates it from the empty prompt, so the MI values tie "
+          "up to an ulp; see mi_by_rounding in the report); --set mi_mode=canonical "
+          "weighs such rows equally (README: reproducing the paper)")
 
 
 def format_summary(summary: dict) -> str:

@@ -284,6 +284,9 @@ def _write_set(job, s, config, model, kernels, edited, request, other_seqs) -> d
   overwrite = job.replaces(s)
   report = metrics.edit_report(kernels, edited, request.inputs, config,
                                other_seqs=other_seqs)
+  mask = metrics.mask_report(kernels, request.inputs, config, key=jax.random.key(job.seed))
+  for name, measures in mask.items():
+    report[name].update(measures)
   layers = {name: {k: v for k, v in entry.items() if k != "target_gap_per_concept"}
             for name, entry in report.items()}
   means = {key: float(np.mean([e[key] for e in layers.values()]))

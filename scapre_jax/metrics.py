@@ -7,6 +7,7 @@ All functions take Flax kernels (d_in, d_out), before and after the edit.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -14,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from scapre_jax._src.typing import Array, Bool, Float
 
-from scapre_jax._src import targets
+from scapre_jax import edit
+from scapre_jax._src import probes, targets
 from scapre_jax.config import EditConfig
 from scapre_jax.edit import compute_dtype
 from scapre_jax.inputs import ConceptInputs
@@ -102,4 +104,38 @@ def edit_report(before: Mapping[str, Array], after: Mapping[str, Array],
       shift = projection_shift(w0, w1, jnp.asarray(other_seqs, ct), other_mask)
       entry["other_shift"] = float(np.asarray(shift).mean())
     report[name] = entry
+  return report
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _mask_measures(weight, inputs: ConceptInputs, key, config: EditConfig):
+  noise = edit.probe_noise(key, inputs, config, weight.dtype)
+  mi = probes.mutual_information(weight, inputs.concept_vecs, inputs.empty_vec,
+                                 noise.mi_pos, noise.mi_neg, sigma=config.noise_sigma,
+                                 mode=config.mi_mode)
+  return (edit.row_weights(weight, inputs, noise, config),
+          probes.tied_by_rounding(mi) & inputs.concept_mask)
+
+
+def mask_report(kernels: Mapping[str, Array], inputs: ConceptInputs, config: EditConfig,
+                *, key: Array) -> dict[str, dict]:
+  """Per matrix, the MI row weights r_j the edit used (same probe noise:
+  `edit.matrix_key(key, name)`): their mean, min and max over rows and real
+  concepts (with p = 8 they scale the erase itself), and `mi_by_rounding`,
+  how many concepts' masks are decided by float32 rounding because every
+  row separates the concept from the empty prompt (their MI values tie up
+  to an ulp; `mi_mode="canonical"` gives such rows equal weight). Empty
+  when the mask is off.
+  """
+  if not config.mi_mask or config.method == "uce":
+    return {}
+  valid = np.asarray(inputs.concept_mask)
+  report = {}
+  for name, kernel in kernels.items():
+    weight = jnp.asarray(kernel, compute_dtype(kernel.dtype)).T
+    r, tied = _mask_measures(weight, inputs, edit.matrix_key(key, name), config)
+    r = np.asarray(r)[valid]
+    report[name] = {"mi_weight_mean": float(r.mean()), "mi_weight_min": float(r.min()),
+                    "mi_weight_max": float(r.max()),
+                    "mi_by_rounding": int(np.asarray(tied).sum())}
   return report

@@ -208,7 +208,12 @@ def mi_soft_mask(W, c_vec, empty_vec, pos_noise, neg_noise, *, sigma,
     z = Z[i]
     cells = [int(((z == a) & (labels == b)).sum()) for a, b in ((1, 1), (1, 0), (0, 1), (0, 0))]
     mi[i] = mi_from_counts(*cells, dtype=cell_dtype, ordered=mode == "released")
-  mi_std = (mi - mi.mean()) / (mi.std() + EPS)  # std: unbiased (ddof = 1)
+  if mode == "released":
+    mi_std = (mi - mi.mean()) / (mi.std() + EPS)  # std: unbiased (ddof = 1)
+  else:  # canonical: around the minimum, so exact ties standardise to exactly 0
+    low = mi.min()
+    mean = low + (mi - low).mean()
+    mi_std = (mi - mean) / ((mi - low).std() + EPS)
   r = torch.sigmoid(mi_std / temperature) ** power
   return r.to(DTYPE)
 

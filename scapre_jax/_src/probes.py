@@ -70,6 +70,42 @@ def above_lower_median(x: Float[Array, "... n"]) -> Bool[Array, "... n"]:
   return below > (x.shape[-1] - 1) // 2
 
 
+def mutual_information(
+    weight: Float[Array, "d_out d_in"],
+    concept_vecs: Float[Array, "m d_in"],
+    empty_vec: Float[Array, "d_in"],
+    pos_noise: Float[Array, "m K d_in"],
+    neg_noise: Float[Array, "m K d_in"],
+    *,
+    sigma: float,
+    mode: str = "released",
+) -> Float[Array, "m d_out"]:
+  """MI of each row's response to concept j against the empty prompt
+  (docs/algorithm.md "MI soft mask", steps 1-3): float32 in released mode,
+  the weights' dtype in canonical mode (`mutual_information_table`)."""
+  num_pos = pos_noise.shape[1]
+  pos = concept_vecs[:, None, :] + sigma * pos_noise
+  neg = empty_vec + sigma * neg_noise
+  acts = einsum("oi,mki->mok", weight, jnp.concatenate([pos, neg], axis=1))
+  fired = above_lower_median(acts)
+  label = jnp.arange(2 * num_pos) < num_pos
+  n11 = jnp.sum(fired & label, axis=-1)
+  n10 = jnp.sum(fired & ~label, axis=-1)
+  dtype = jnp.float32 if mode == "released" else weight.dtype
+  table = mutual_information_table(num_pos, np.dtype(dtype).name, mode == "released")
+  return jnp.asarray(table)[n11, n10]
+
+
+def tied_by_rounding(mi: Float[Array, "m d_out"]) -> Bool[Array, "m"]:
+  """Whether concept j's MI values differ only by rounding: not all equal,
+  but within two steps of their dtype of each other. Its standardised mask
+  is then decided by that rounding, not by information (docs/algorithm.md
+  "MI soft mask")."""
+  high, low = jnp.max(mi, axis=-1), jnp.min(mi, axis=-1)
+  step = jnp.nextafter(high, jnp.asarray(jnp.inf, high.dtype)) - high
+  return (high > low) & (high - low <= 2 * step)
+
+
 def mi_soft_mask(
     weight: Float[Array, "d_out d_in"],
     concept_vecs: Float[Array, "m d_in"],
@@ -94,24 +130,22 @@ def mi_soft_mask(
   above vs. below the empty prompt) get bit-identical MI, and rows tied at the
   maximum get equal weight instead of weights decided by one float ulp.
   """
-  num_pos = pos_noise.shape[1]
-  pos = concept_vecs[:, None, :] + sigma * pos_noise
-  neg = empty_vec + sigma * neg_noise
-  acts = einsum("oi,mki->mok", weight, jnp.concatenate([pos, neg], axis=1))
-  fired = above_lower_median(acts)
-  label = jnp.arange(2 * num_pos) < num_pos
-  n11 = jnp.sum(fired & label, axis=-1)
-  n10 = jnp.sum(fired & ~label, axis=-1)
-  dtype = jnp.float32 if mode == "released" else weight.dtype
-  table = mutual_information_table(num_pos, np.dtype(dtype).name, mode == "released")
-  mi = jnp.asarray(table)[n11, n10]
+  mi = mutual_information(weight, concept_vecs, empty_vec, pos_noise, neg_noise,
+                          sigma=sigma, mode=mode)
   # The standardisation runs in the weights' dtype (float32 MI values are
   # exact in float64) with torch's float32 mean and std: where every row
   # separates, the MI values tie up to one float32 step and the rounding of
   # these two numbers decides the mask (reductions.py).
   mi = mi.astype(weight.dtype)
-  mean = reductions.torch_mean(mi)[:, None]
-  std = reductions.torch_std(mi, mean[:, 0])[:, None]
+  if mode == "released":
+    mean = reductions.torch_mean(mi)[:, None]
+    std = reductions.torch_std(mi, mean[:, 0])[:, None]
+  else:
+    # Around the minimum, so rows tied exactly have mean and deviation 0
+    # exactly (a rounded mean of n equal values need not equal them).
+    low = jnp.min(mi, axis=-1, keepdims=True)
+    mean = low + jnp.mean(mi - low, axis=-1, keepdims=True)
+    std = jnp.std(mi - low, axis=-1, keepdims=True, ddof=1)
   standard = reductions.true_divide(mi - mean, std + EPS)
   weights = jax.nn.sigmoid(reductions.true_divide(standard, temperature)) ** power
   return jnp.where(concept_mask[:, None], weights, 0)
