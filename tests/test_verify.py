@@ -1,18 +1,15 @@
-"""`scapre-jax verify` on the tiny models: float64 edits of every preset pass
+"""`scapre-jax verify` on the tiny models: `erase --precision float64` edits of
+every preset (SD 1.x and SD 2.x layouts) pass
 against the PyTorch reference at 1e-10, a float32 erase passes at its
 conditioning-derived tolerance, a tampered file fails with exit status 1, and
 a missing torch is one clear line."""
 
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
-import scapre_jax as sj
-from scapre_jax import cli, io, models, tiny, verify
+from scapre_jax import cli, io, tiny, verify
 
 CONCEPTS = ["parachute", "golf ball", "tench"]
 PRESERVE = ["kite"]
@@ -25,36 +22,18 @@ def tiny_dirs(tiny_dir, tmp_path_factory):
 
 
 def float64_edit(model_dir, out, preset, seed=0):
-  """A float64 edit file as `erase --precision float64` writes one (float64
-  text side and edit, weights rounded once to the model's float32), the
-  prompts encoded in float64 by the PyTorch text encoder."""
-  model = models.load_model(model_dir)
-  guides = [" "] * len(CONCEPTS)
-  vecs, empty, old, new, kept = verify.encode_reference_inputs(
-      model.path, CONCEPTS, guides, PRESERVE, torch.float64)
-  rows = max(len(x) for x in old)
-  pad = lambda seqs: np.stack([np.pad(s.numpy(), ((0, rows - len(s)), (0, 0))) for s in seqs])
-  inputs = sj.ConceptInputs.create(
-      vecs.numpy(), empty.numpy(), pad(old), pad(new),
-      np.stack([np.arange(rows) < len(x) for x in old]),
-      preserve_seqs=np.stack([p.numpy() for p in kept]),
-      preserve_mask=np.ones((len(kept), kept[0].shape[0]), bool))
-  config = sj.EditConfig.preset(preset)
-  kernels = {n: jnp.asarray(k, jnp.float64)
-             for n, k in models.cross_attention_kernels(model.unet_params).items()}
-  edited = sj.edit_projections(kernels, inputs, config, key=jax.random.key(seed))
-  metadata = io.edit_metadata(
-      concepts=CONCEPTS, guides=guides, preserve=PRESERVE, config=config,
-      base_fingerprint=model.fingerprint, prompts=CONCEPTS, seed=seed, preset=preset,
-      precision="float64")
-  return io.write_edit_file(out, {n: np.asarray(k, np.float32) for n, k in edited.items()},
-                            metadata=metadata)
+  """`scapre-jax erase --precision float64`: the text side and the edit in
+  float64, the weights rounded once to the model's float32."""
+  assert cli.main(["erase", "--model", str(model_dir), "--concepts", ", ".join(CONCEPTS),
+                   "--preserve", ", ".join(PRESERVE), "--preset", preset, "--seed", str(seed),
+                   "--precision", "float64", "--out", str(out), "--quiet"]) == 0
+  return out / "edit.safetensors"
 
 
 @pytest.mark.parametrize("variant", ["sd1", "sd2"])
 @pytest.mark.parametrize("preset", ["scapre", "scapre-nsfw", "scapre-small", "uce"])
 def test_float64_edit_of_every_preset_passes(tiny_dirs, tmp_path, variant, preset):
-  path = float64_edit(tiny_dirs[variant], tmp_path / "edit.safetensors", preset)
+  path = float64_edit(tiny_dirs[variant], tmp_path / "out", preset)
   result = verify.run(tiny_dirs[variant], path, unet=False)
   assert result.precision == "float64" and len(result.matrices) == 8
   assert all(m.tolerance == verify.FLOAT64_TOL for m in result.matrices)
@@ -87,7 +66,7 @@ def test_cli_passes_a_float32_erase_and_fails_a_tampered_file(tiny_dir, tmp_path
 
 
 def test_float64_file_changed_by_one_part_in_a_million_fails(tiny_dirs, tmp_path, capsys):
-  path = float64_edit(tiny_dirs["sd1"], tmp_path / "edit.safetensors", "scapre")
+  path = float64_edit(tiny_dirs["sd1"], tmp_path / "out", "scapre")
   kernels, meta = io.read_edit_file(path)
   name = sorted(kernels)[-1]
   kernels[name] = (kernels[name] * (1 + 1e-6)).astype(np.float32)
@@ -99,7 +78,7 @@ def test_float64_file_changed_by_one_part_in_a_million_fails(tiny_dirs, tmp_path
 
 
 def test_edit_for_another_model_is_refused(tiny_dirs, tmp_path, capsys):
-  path = float64_edit(tiny_dirs["sd1"], tmp_path / "edit.safetensors", "uce")
+  path = float64_edit(tiny_dirs["sd1"], tmp_path / "out", "uce")
   assert cli.main(["verify", "--model", str(tiny_dirs["sd2"]), "--edit", str(path)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "was made for the base model with UNet fingerprint" in err[0]
