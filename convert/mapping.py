@@ -115,6 +115,12 @@ class Layout:
       return "scale"
     return "kernel"
 
+  def torch_shapes(self, expected: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """{torch name: torch shape} of the params `expected` describes (nested
+    dict of arrays or ShapeDtypeStructs), in its order."""
+    return {self.torch_name(p): _torch_shape(p, tuple(a.shape))
+            for p, a in flatten(expected).items()}
+
   # -- tensors ----------------------------------------------------------------
 
   def to_flax(self, state: Mapping[str, np.ndarray],
