@@ -3,7 +3,8 @@
   scapre-jax tiny DIR                      write the built-in tiny model
   scapre-jax erase --concepts "a, b" --out OUT [--model M] [--full] ...
   scapre-jax erase --sets sets.jsonl --out OUT [--model M] ...
-  scapre-jax apply --model M --edit FILE --out DIR
+  scapre-jax apply --model M --edit FILE --out DIR|FILE.safetensors
+  scapre-jax convert SRC DST               diffusers folder <-> single file
   scapre-jax inspect FILE
   scapre-jax verify --model M --edit FILE   recompute FILE with the PyTorch reference
   scapre-jax generate --model M [--edit FILE] --prompts "..." --out grid.png
@@ -75,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="presets (the paper and the script each reproduces):\n" + "\n".join(
           f"  {name.ljust(width)}  {PRESET_HELP[name]}" for name in PRESETS))
-  p.add_argument("--model", help="diffusers folder or cached Hugging Face id "
-                 "(default: the built-in tiny model)")
+  p.add_argument("--model", help="diffusers folder, cached Hugging Face id or "
+                 "SD 1.x/2.x single .safetensors file (default: the built-in tiny model)")
   what = p.add_mutually_exclusive_group(required=True)
   what.add_argument("--concepts", help='comma-separated concepts, or a built-in list '
                     '(imagenette-10, imagenet-diverse-50, imagenet-confuse-15, art-50, nsfw)')
@@ -106,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "(slower; see docs/reproducibility.md). Default: float32, "
                       "float64 for --dtype float64")
   p.add_argument("--full", action="store_true", help="also write OUT/model/, "
-                 "the complete edited diffusers folder")
+                 "the complete edited diffusers folder (OUT/model.safetensors for a "
+                 "single-file --model)")
+  p.add_argument("--names", default="diffusers", choices=("diffusers", "ldm"),
+                 help="tensor names in the edit file: diffusers, or ldm "
+                      "(model.diffusion_model.*, as single files name them)")
+  _add_single_file(p)
   p.add_argument("--orbax", action="store_true", help="also write OUT/orbax/")
   p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
   p.add_argument("--sets-per-call", type=int, help="sets solved in one compiled call")
@@ -118,10 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num-processes", type=int, help="multi-host: process count")
   p.add_argument("--process-id", type=int, help="multi-host: this process's index")
 
-  p = sub.add_parser("apply", help="apply an edit file to a model folder")
-  p.add_argument("--model", required=True)
+  p = sub.add_parser("apply", help="apply an edit file to a model folder or single file")
+  p.add_argument("--model", required=True, help="diffusers folder or single .safetensors file")
   p.add_argument("--edit", required=True)
-  p.add_argument("--out", required=True)
+  p.add_argument("--out", required=True, help="output folder (a .safetensors file "
+                 "for a single-file --model)")
+  p.add_argument("--config", help="single-file --model: diffusers folder with its "
+                 "configs (default: the family's built-in ones)")
+  p.add_argument("--overwrite", action="store_true")
+
+  p = sub.add_parser("convert", help="diffusers folder -> single .safetensors file, "
+                     "or single file -> diffusers folder (the direction follows SRC)")
+  p.add_argument("src")
+  p.add_argument("dst")
+  _add_single_file(p)
   p.add_argument("--overwrite", action="store_true")
 
   p = sub.add_parser("verify", help="recompute an edit file with the PyTorch reference "
@@ -149,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true")
   _add_compile_cache(p)
   return parser
+
+
+def _add_single_file(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--config", help="single-file model: diffusers folder whose configs "
+                 "and tokenizer to use (default: the family's built-in ones)")
+  p.add_argument("--tokenizer", metavar="DIR", help="single-file model: folder with "
+                 "the CLIP vocabulary (vocab.json + merges.txt, or "
+                 "bpe_simple_vocab_16e6.txt.gz)")
 
 
 def _add_compile_cache(p: argparse.ArgumentParser) -> None:
@@ -194,7 +218,8 @@ def _erase(args) -> int:
       sets=sets, out=pathlib.Path(args.out), model=args.model, single=single,
       full=args.full, orbax=args.orbax, seed=args.seed, dtype=args.dtype,
       precision=args.precision,
-      overrides=overrides, overwrite=args.overwrite, sets_per_call=args.sets_per_call)
+      overrides=overrides, overwrite=args.overwrite, sets_per_call=args.sets_per_call,
+      config=args.config, tokenizer=args.tokenizer, names=args.names)
   summary = erase.run(job, progress=None if args.quiet or args.json else erase._stderr)
   if args.json:
     print(json.dumps(summary, indent=2))
@@ -297,8 +322,24 @@ def main(argv=None) -> int:
     if args.command == "erase":
       return _erase(args)
     if args.command == "apply":
-      from scapre_jax import io
-      print(io.apply_edit(args.model, args.edit, args.out, overwrite=args.overwrite))
+      from scapre_jax import io, single_file
+      if single_file.is_single_file(args.model):
+        print(single_file.apply_edit(args.model, args.edit, args.out, config=args.config,
+                                     overwrite=args.overwrite))
+      elif args.config:
+        raise ValueError("--config applies to a single-file --model")
+      else:
+        print(io.apply_edit(args.model, args.edit, args.out, overwrite=args.overwrite))
+      return 0
+    if args.command == "convert":
+      from scapre_jax import single_file
+      if single_file.is_single_file(args.src):
+        print(single_file.file_to_folder(args.src, args.dst, config=args.config,
+                                         tokenizer=args.tokenizer, overwrite=args.overwrite))
+      else:
+        if args.config or args.tokenizer:
+          raise ValueError("--config and --tokenizer apply when SRC is a single file")
+        print(single_file.folder_to_file(args.src, args.dst, overwrite=args.overwrite))
       return 0
     if args.command == "inspect":
       return _inspect(args)
@@ -309,7 +350,7 @@ def main(argv=None) -> int:
       erase.enable_compile_cache(args.compile_cache)
       print(generate.run_cli(args))
       return 0
-  except (ValueError, FileNotFoundError, FileExistsError) as err:
+  except (ValueError, OSError) as err:  # OSError: a full disk, unreadable files
     print(f"scapre-jax {args.command}: error: {err}", file=sys.stderr)
     return 2
   raise AssertionError(args.command)

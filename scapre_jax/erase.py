@@ -56,6 +56,11 @@ class EraseJob:
     overwrite: replace existing outputs; without it a sets run skips sets
       whose files exist and a single erase refuses to write over them.
     sets_per_call: sets solved in one compiled call; None = 8 per device.
+    config: with a single-file `model`, a diffusers folder whose configs and
+      tokenizer replace the family's built-in ones.
+    tokenizer: with a single-file `model`, a folder with the CLIP vocabulary.
+    names: "diffusers" or "ldm": tensor names in the edit files. With a
+      single-file `model`, `full` writes `out/model.safetensors`.
   """
 
   sets: tuple[ConceptSet, ...]
@@ -71,6 +76,9 @@ class EraseJob:
   overwrite: bool = False
   sets_per_call: int | None = None
   text_batch_size: int = 16
+  config: str | None = None
+  tokenizer: str | None = None
+  names: str = "diffusers"
 
   def __post_init__(self):
     if not self.sets:
@@ -82,6 +90,8 @@ class EraseJob:
       raise ValueError("--full and --orbax write one model, so they need a single set")
     if self.single and len(self.sets) != 1:
       raise ValueError("single-set output needs exactly one set")
+    if self.names not in ("diffusers", "ldm"):
+      raise ValueError(f"names must be 'diffusers' or 'ldm', got {self.names!r}")
     if self.dtype not in models.DTYPES:
       raise ValueError(f"dtype must be one of {tuple(models.DTYPES)}, got {self.dtype!r}")
     if self.dtype == "float64" and self.precision == "float32":
@@ -202,7 +212,9 @@ def run(job: EraseJob, *, progress: Callable[[str], None] | None = _stderr) -> d
   model_path = job.model if job.model is not None else ensure_tiny_model()
   t0 = time.perf_counter()
   model = models.load_model(model_path, dtype=job.dtype, text_dtype=job.edit_precision
-                            if job.edit_precision == "float64" else None)
+                            if job.edit_precision == "float64" else None,
+                            config=job.config, tokenizer=job.tokenizer,
+                            weights="all" if job.orbax else "edit")
   say(f"load: {model.path} ({model.weights_format}, {job.dtype}, edit in "
       f"{job.edit_precision}) in {time.perf_counter() - t0:.1f} s")
   for s in todo:
@@ -301,10 +313,20 @@ def _write_set(job, s, config, model, kernels, edited, request, other_seqs) -> d
       layers={models.torch_name(n): v for n, v in layers.items()})
   # Written in the model's dtype: one rounding of the (float64) edit.
   edited = {n: k.astype(models.jax_dtype(job.dtype)) for n, k in edited.items()}
+  ldm_names = None
+  if job.names == "ldm":
+    from scapre_jax import single_file
+    ldm_names = single_file.ldm_edit_names(model.unet_config,
+                                           single_file.model_family(model).name)
   io.write_edit_file(edit_path, edited, metadata=metadata, overwrite=overwrite,
-                     model_root=model.path)
+                     model_root=model.path, ldm_names=ldm_names)
   written = {"edit": str(edit_path)}
-  if job.full:
+  if job.full and model.weights_format == "single-file":
+    from scapre_jax import single_file
+    written["model"] = str(single_file.write_edited(
+        model.path, job.out / "model.safetensors", edited, config=job.config,
+        metadata=single_file.file_metadata(metadata), overwrite=job.overwrite))
+  elif job.full:
     written["model"] = str(io.write_model_folder(
         model.path, job.out / "model", edited, overwrite=job.overwrite))
   if job.orbax:

@@ -67,7 +67,8 @@ def edit_metadata(*, concepts, guides, preserve, config: EditConfig,
 
 def write_edit_file(path: PathLike, kernels: Mapping[str, object], *,
                     metadata: Mapping[str, object], overwrite: bool = False,
-                    model_root: PathLike | None = None) -> pathlib.Path:
+                    model_root: PathLike | None = None,
+                    ldm_names: Mapping[str, str] | None = None) -> pathlib.Path:
   """Writes edited kernels {flax path: (d_in, d_out)} as a safetensors edit file.
 
   Tensors are stored as `...attn2.to_k.weight` (d_out, d_in) in their own
@@ -75,6 +76,9 @@ def write_edit_file(path: PathLike, kernels: Mapping[str, object], *,
   string values are stored as-is, others (lists, dicts, an EditConfig) as JSON.
   `scapre_jax_version`, `dtype` and `format` ("pt") are added. With
   `model_root`, the file may not be written inside that model folder.
+  `ldm_names` ({diffusers name: LDM name}, `single_file.ldm_edit_names`)
+  stores the tensors under single-file names instead, and records the map
+  in the metadata so `read_edit_file` reads them back.
   """
   from scapre_jax import __version__
   path = pathlib.Path(path)
@@ -107,6 +111,11 @@ def write_edit_file(path: PathLike, kernels: Mapping[str, object], *,
       _JSON_KEYS: json.dumps(sorted(json_keys)),
   })
   tensors = {models.torch_name(p): np.ascontiguousarray(a.T) for p, a in arrays.items()}
+  if ldm_names is not None:
+    tensors = {ldm_names[n]: a for n, a in tensors.items()}
+    encoded["ldm_names"] = json.dumps({ldm_names[n]: n for n in sorted(ldm_names)
+                                       if ldm_names[n] in tensors}, sort_keys=True)
+    encoded[_JSON_KEYS] = json.dumps(sorted(json.loads(encoded[_JSON_KEYS]) + ["ldm_names"]))
   _atomic_file(path, overwrite,
                lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=encoded))
   return path
@@ -128,9 +137,13 @@ def read_edit_file(path: PathLike) -> tuple[dict[str, np.ndarray], dict]:
     raise ValueError(f"cannot read edit file {path} (corrupt or truncated?): {err}") from None
   if not tensors:
     raise ValueError(f"edit file {path} holds no tensors")
+  try:
+    renames = json.loads(raw.get("ldm_names", "{}"))  # LDM -> diffusers names
+  except json.JSONDecodeError as err:
+    raise ValueError(f"edit file {path} has corrupt metadata: {err}") from None
   kernels = {}
   for name, array in tensors.items():
-    flax = models.flax_path(name)
+    flax = models.flax_path(renames.get(name, name))
     if not EDIT_PATH.fullmatch(flax) or array.ndim != 2:
       raise ValueError(f"edit file {path} holds {name!r} {array.shape}, not a "
                        "cross-attention to_k/to_v weight (d_out, d_in)")
@@ -270,7 +283,11 @@ def apply_edit(model_root: PathLike, edit_file: PathLike, out_root: PathLike, *,
                overwrite: bool = False) -> pathlib.Path:
   """Writes the diffusers folder `model_root` with `edit_file` applied at
   `out_root`, after checking that the edit was made for this base model
-  (its `base_fingerprint` equals the sha256 of the model's UNet files)."""
+  (its `base_fingerprint` equals the sha256 of the model's UNet files).
+  A single-file base gives an edited single file (`single_file.apply_edit`)."""
+  if pathlib.Path(model_root).expanduser().is_file():
+    from scapre_jax import single_file
+    return single_file.apply_edit(model_root, edit_file, out_root, overwrite=overwrite)
   src = models.resolve(model_root)
   out = pathlib.Path(out_root)
   _check_output(out, overwrite, protected=[src, edit_file])
@@ -442,3 +459,11 @@ def _atomic_dir(path: pathlib.Path, overwrite: bool, build) -> None:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+# The same rules for scapre_jax.single_file's writers (one copy of each).
+atomic_file = _atomic_file
+atomic_dir = _atomic_dir
+check_finite = _check_finite
+edit_kernels = _edit_kernels
+replacement = _replacement

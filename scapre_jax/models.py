@@ -165,13 +165,28 @@ def abstract_params(part: str, config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_model(path_or_id: str | os.PathLike, *, dtype: str = "float32",
-               text_dtype: str | None = None) -> LoadedModel:
-  """Loads UNet, text encoder and tokenizer from a local diffusers folder or
-  an already-cached Hugging Face id (never downloads). Params are cast to
-  `dtype` ("float32", "bfloat16", "float16", "float64"); the modules compute
-  in it. `text_dtype` (default: `dtype`) sets the text encoder's alone:
-  "float64" gives float64 encodings of a float32 model (`--precision
-  float64`). float64 needs JAX's 64-bit mode (`precision.enable_x64`)."""
+               text_dtype: str | None = None, config=None, tokenizer=None,
+               weights: str = "all") -> LoadedModel:
+  """Loads UNet, text encoder and tokenizer from a local diffusers folder, an
+  already-cached Hugging Face id (never downloads) or a single-file
+  checkpoint (`scapre_jax.single_file`: SD 1.x/2.x `.safetensors`). Params
+  are cast to `dtype` ("float32", "bfloat16", "float16", "float64"); the
+  modules compute in it. `text_dtype` (default: `dtype`) sets the text
+  encoder's alone: "float64" gives float64 encodings of a float32 model
+  (`--precision float64`). float64 needs JAX's 64-bit mode
+  (`precision.enable_x64`). `weights="edit"` keeps only the UNet's attn2
+  to_k/to_v (a single file then reads nothing else of the UNet). `config`
+  (a diffusers folder) and `tokenizer` (a vocabulary folder) apply to
+  single files only."""
+  if weights not in ("all", "edit"):
+    raise ValueError(f"weights must be 'all' or 'edit', got {weights!r}")
+  if pathlib.Path(path_or_id).expanduser().is_file():
+    from scapre_jax import single_file
+    return single_file.load(path_or_id, dtype=dtype, text_dtype=text_dtype, config=config,
+                            tokenizer=tokenizer, weights=weights)
+  if config is not None or tokenizer is not None:
+    raise ValueError("config and tokenizer apply to single-file models; "
+                     f"{path_or_id} is a folder with its own")
   jdtype = _dtype(dtype)
   text_dtype = dtype if text_dtype is None else text_dtype
   text_jdtype = _dtype(text_dtype)
@@ -180,6 +195,8 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str = "float32",
   text_config = _read_config(root, PARTS["text_encoder"])
   unet_params, unet_format, unet_files = _read_params(root, "unet", unet_config)
   text_params, _, _ = _read_params(root, "text_encoder", text_config)
+  if weights == "edit":
+    unet_params = convert.unflatten(cross_attention_kernels(unet_params))
   return LoadedModel(
       unet=build("unet", unet_config, dtype=dtype),
       unet_params=_cast(unet_params, jdtype),
@@ -403,3 +420,14 @@ def jax_dtype(name: str):
 
 
 read_msgpack = _read_msgpack
+cast = _cast
+
+
+def read_params(root, part: str, config: Mapping[str, Any]) -> dict[str, Any]:
+  """Flax params of `part` of the diffusers folder `root`, in the stored dtype."""
+  return _read_params(pathlib.Path(root), part, config)[0]
+
+
+def read_config(root, part: str) -> dict[str, Any]:
+  """The config dict of `part` in the diffusers folder `root`."""
+  return _read_config(pathlib.Path(root), PARTS[part])

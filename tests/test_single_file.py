@@ -1,0 +1,463 @@
+"""Single-file (LDM layout) checkpoints: the name table against diffusers'
+own converter, from_single_file parity, the reader, erase and apply on a
+single file, the real CLIP tokenizer, and bad input.
+
+The tiny SD 1.x / SD 2.x models are written to single files by our
+converter; every comparison is exact (the same bytes or the same float64
+numbers), since nothing here computes in float32 apart from the edit, which
+runs the same program on the same inputs from the file and from the folder.
+"""
+
+import importlib.util
+import json
+import pathlib
+import shutil
+import struct
+import types
+
+import numpy as np
+import pytest
+import safetensors
+import safetensors.numpy
+
+import convert
+from convert import ldm
+from scapre_jax import cli, erase, io, models, requests, single_file, text, tiny
+
+VARIANTS = ("sd1", "sd2")
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+  """{variant: (folder, single file written by our converter)}."""
+  root = tmp_path_factory.mktemp("single")
+  out = {}
+  for variant in VARIANTS:
+    folder = tiny.write_tiny_model(root / variant, variant=variant)
+    out[variant] = folder, single_file.folder_to_file(folder, root / f"{variant}.safetensors")
+  return out
+
+
+def _tensors(path):
+  with safetensors.safe_open(path, framework="np") as f:
+    return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def _flat_equal(a, b):
+  a, b = convert.flatten(a), convert.flatten(b)
+  assert list(a) == list(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype, k
+    assert np.array_equal(np.asarray(a[k]), np.asarray(b[k])), k
+
+
+# -- the name table ---------------------------------------------------------------
+
+
+def _id_tensor(torch, entry, i):
+  """A cheap tensor of `entry`'s LDM shape that says which entry (and, for a
+  fused one, which third) a converted piece came from: value 10 i + third."""
+  ones = (1,) * len(entry.shape)
+  if entry.kind == "fused":
+    third = entry.shape[0] // 3
+    rows = torch.arange(3, dtype=torch.float32).repeat_interleave(third) + 10 * i
+    return rows.reshape((-1,) + ones[1:]).expand(entry.shape)
+  return torch.full(ones, float(10 * i)).expand(entry.shape)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_table_matches_diffusers_converter_on_real_configs(variant):
+  """Our table for the built-in SD 1.5 / SD 2.1 configs, run through
+  diffusers' own LDM converters: every diffusers tensor comes out with the
+  shape the config wants and from the entry (and q/k/v third) we name."""
+  torch = pytest.importorskip("torch")
+  from diffusers.loaders import single_file_utils as sfu
+  family = single_file.FAMILIES[variant]
+  configs = family.configs()
+  table = single_file.name_table(family, configs)
+  checkpoint = {e.ldm: _id_tensor(torch, e, i) for i, e in enumerate(table.entries)}
+  converted = {
+      "unet": sfu.convert_ldm_unet_checkpoint(checkpoint, configs["unet"]),
+      "vae": sfu.convert_ldm_vae_checkpoint(checkpoint, configs["vae"]),
+  }
+  if variant == "sd1":
+    converted["text_encoder"] = sfu.convert_ldm_clip_checkpoint(checkpoint)
+  else:
+    model = types.SimpleNamespace(config=types.SimpleNamespace(
+        hidden_size=configs["text_encoder"]["hidden_size"]))
+    converted["text_encoder"] = sfu.convert_open_clip_checkpoint(model, checkpoint)
+  for part, state in converted.items():
+    shapes = models.PARTS[part].layout.torch_shapes(
+        models.abstract_params(part, configs[part]))
+    assert set(state) == set(shapes), part
+    for i, entry in enumerate(table.entries):
+      if entry.part != part:
+        continue
+      for third, name in enumerate(entry.names):
+        got = state[name]
+        assert tuple(got.shape) == shapes[name], name
+        want = 10 * i + (third if entry.kind == "fused" else 0)
+        assert float(got.reshape(-1)[0]) == want, (name, entry.ldm)
+
+
+def test_builtin_configs_have_the_published_sizes():
+  """Parameter counts of SD 1.5's UNet, VAE and CLIP ViT-L/14 text encoder,
+  and of SD 2.x's UNet, as published with the models."""
+  def count(part, config):
+    return sum(int(np.prod(a.shape)) for a in
+               convert.flatten(models.abstract_params(part, config)).values())
+  sd1, sd2 = single_file.FAMILIES["sd1"], single_file.FAMILIES["sd2"]
+  assert count("unet", sd1.unet) == 859_520_964
+  assert count("vae", sd1.vae) == 83_653_863
+  assert count("text_encoder", sd1.text_encoder) == 123_060_480
+  assert count("unet", sd2.unet) == 865_910_724
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_table_round_trip_and_fused_split(tiny_models, variant):
+  folder, path = tiny_models[variant]
+  tensors, _ = _tensors(path)
+  family = single_file.FAMILIES[variant]
+  configs = single_file.family_configs(family, folder)
+  table = single_file.name_table(family, configs)
+  assert list(tensors) == sorted(table.ldm_names) or set(tensors) == set(table.ldm_names)
+  states = table.to_diffusers(tensors.__getitem__)
+  back = table.to_ldm(states)
+  assert set(back) == set(tensors)
+  assert all(back[k].tobytes() == tensors[k].tobytes() for k in back)
+  # A VAE attention conv stored as a linear (some files do) reads the same.
+  q = "first_stage_model.encoder.mid.attn_1.q.weight"
+  assert tensors[q].ndim == 4
+  linear = {**tensors, q: tensors[q][:, :, 0, 0]}
+  assert np.array_equal(table.to_diffusers(linear.__getitem__)["vae"][
+      "encoder.mid_block.attentions.0.to_q.weight"], tensors[q][:, :, 0, 0])
+  # The folder's own torch tensors are what the table produced.
+  text_state = safetensors.numpy.load_file(folder / "text_encoder" / "model.safetensors")
+  for name, array in states["text_encoder"].items():
+    assert np.array_equal(array, text_state[name]), name
+  if variant == "sd2":
+    fused = "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"
+    width = configs["text_encoder"]["hidden_size"]
+    assert tensors[fused].shape == (3 * width, width)
+    for third, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+      name = f"text_model.encoder.layers.1.self_attn.{proj}.weight"
+      assert np.array_equal(tensors[fused][third * width:(third + 1) * width],
+                            text_state[name])
+
+
+# -- reading ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_from_single_file_loads_our_file(tiny_models, variant):
+  """PyTorch diffusers reads our single file into the same UNet, text
+  encoder and VAE tensors as the folder."""
+  torch = pytest.importorskip("torch")
+  from diffusers import StableDiffusionPipeline
+  folder, path = tiny_models[variant]
+  kwargs = {"safety_checker": None, "requires_safety_checker": False}
+  pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(folder),
+                                                  local_files_only=True, **kwargs)
+  ref = StableDiffusionPipeline.from_pretrained(str(folder), **kwargs)
+  for part in ("unet", "text_encoder", "vae"):
+    got, want = getattr(pipe, part).state_dict(), getattr(ref, part).state_dict()
+    assert set(want) <= set(got), part
+    for name in want:
+      assert torch.equal(got[name], want[name]), (part, name)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reader_gives_the_folder_params(tiny_models, variant):
+  folder, path = tiny_models[variant]
+  model = models.load_model(path, config=folder)
+  ref = models.load_model(folder)
+  _flat_equal(model.unet_params, ref.unet_params)
+  _flat_equal(model.text_params, ref.text_params)
+  assert model.weights_format == "single-file"
+  assert model.fingerprint == models.fingerprint([path])
+  assert model.unet_config == ref.unet_config
+  # weights="edit": the attn2 to_k/to_v kernels alone, the same values.
+  edit = models.load_model(path, config=folder, weights="edit")
+  _flat_equal(edit.unet_params, convert.unflatten(
+      models.cross_attention_kernels(ref.unet_params)))
+  _flat_equal(edit.text_params, ref.text_params)
+
+
+def test_reader_takes_float16_ema_and_extra_keys(tiny_models, tmp_path):
+  """An fp16 file with EMA copies, schedule buffers and OpenCLIP's unused
+  tensors (text projection, a last resblock) reads as the fp16 folder."""
+  folder, path = tiny_models["sd2"]
+  tensors, _ = _tensors(path)
+  half = {k: v.astype(np.float16) for k, v in tensors.items()}
+  width = json.loads((folder / "text_encoder" / "config.json").read_text())["hidden_size"]
+  extra = {
+      "alphas_cumprod": np.linspace(1, 0, 10, dtype=np.float32),
+      "model_ema.decay": np.array(0.9999, np.float32),
+      "cond_stage_model.model.text_projection": np.ones((width, width), np.float16),
+      "cond_stage_model.model.logit_scale": np.array(1.0, np.float16),
+      "cond_stage_model.model.transformer.resblocks.2.ln_1.weight": np.ones(width, np.float16),
+  }
+  for i, name in enumerate(k for k in half if k.startswith(ldm.UNET_PREFIX)):
+    extra["model_ema." + name[len("model."):].replace(".", "")] = np.full(2, i, np.float16)
+  fp16 = tmp_path / "fp16.safetensors"
+  safetensors.numpy.save_file({**half, **extra}, fp16)
+  model = models.load_model(fp16, config=folder)
+  ref = models.load_model(folder)
+  for got, want in ((model.unet_params, ref.unet_params), (model.text_params, ref.text_params)):
+    got, want = convert.flatten(got), convert.flatten(want)
+    assert list(got) == list(want)
+    for k in want:  # float16 -> float32 is exact: equal to the cast folder
+      assert got[k].dtype == np.float32
+      assert np.array_equal(got[k], np.asarray(want[k]).astype(np.float16).astype(np.float32)), k
+
+
+# -- erase, apply, convert -------------------------------------------------------------
+
+
+def _erase(model, out, config=None, **kwargs):
+  job = erase.EraseJob(sets=(requests.ConceptSet("edit", ("parachute", "golf ball")),),
+                       out=out, model=str(model), single=True, config=config, seed=1,
+                       **kwargs)
+  return erase.run(job, progress=None)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_erase_from_file_equals_folder(tiny_models, tmp_path, variant):
+  torch = pytest.importorskip("torch")
+  from diffusers import StableDiffusionPipeline
+  folder, path = tiny_models[variant]
+  _erase(folder, tmp_path / "folder", full=True)
+  _erase(path, tmp_path / "file", config=str(folder), full=True)
+  want, want_meta = io.read_edit_file(tmp_path / "folder" / "edit.safetensors")
+  got, got_meta = io.read_edit_file(tmp_path / "file" / "edit.safetensors")
+  assert list(got) == list(want)
+  assert all(np.array_equal(got[k], want[k]) for k in want)
+  assert got_meta.pop("base_fingerprint") == models.fingerprint([path])
+  want_meta.pop("base_fingerprint")
+  assert got_meta == want_meta
+  # The edited single file: the folder run's to_k/to_v, every other tensor
+  # byte-identical to the input, same order and dtypes, metadata kept + ours.
+  edited = tmp_path / "file" / "model.safetensors"
+  before, meta_before = _tensors(path)
+  after, meta_after = _tensors(edited)
+  assert list(after) == list(before)
+  folder_unet = safetensors.numpy.load_file(
+      tmp_path / "folder" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+  names = single_file.ldm_edit_names(json.loads((folder / "unet" / "config.json").read_text()),
+                                     variant)
+  edited_ldm = {v: k for k, v in names.items()}
+  for name in before:
+    assert after[name].dtype == before[name].dtype
+    if name in edited_ldm:
+      assert after[name].tobytes() == folder_unet[edited_ldm[name]].tobytes(), name
+      assert after[name].tobytes() != before[name].tobytes(), name
+    else:
+      assert after[name].tobytes() == before[name].tobytes(), name
+  assert {k: meta_after[k] for k in meta_before} == meta_before
+  record = json.loads(meta_after["scapre_jax.edit"])
+  assert record["concepts"] == ["parachute", "golf ball"]
+  assert record["base_fingerprint"] == models.fingerprint([path])
+  # diffusers reads the edited file with the folder run's projections.
+  pipe = StableDiffusionPipeline.from_single_file(
+      str(edited), config=str(folder), local_files_only=True, safety_checker=None,
+      requires_safety_checker=False)
+  ref = StableDiffusionPipeline.from_pretrained(str(tmp_path / "folder" / "model"),
+                                                safety_checker=None,
+                                                requires_safety_checker=False)
+  got_state, want_state = pipe.unet.state_dict(), ref.unet.state_dict()
+  assert all(torch.equal(got_state[k], want_state[k]) for k in want_state)
+
+
+def test_ldm_names_apply_and_cli(tiny_models, tmp_path, capsys):
+  """--names ldm edit files hold the file's own tensor names and read back
+  as the diffusers-named edit; apply on the single file writes exactly what
+  erase --full wrote."""
+  folder, path = tiny_models["sd1"]
+  out = tmp_path / "ldm"
+  assert cli.main(["erase", "--model", str(path), "--config", str(folder), "--concepts",
+                   "parachute, golf ball", "--seed", "1", "--names", "ldm", "--full",
+                   "--out", str(out), "--quiet"]) == 0
+  with safetensors.safe_open(out / "edit.safetensors", framework="np") as f:
+    keys = list(f.keys())
+  file_keys, _ = _tensors(path)
+  assert keys and all(k.startswith(ldm.UNET_PREFIX) and k in file_keys for k in keys)
+  plain = tmp_path / "plain"
+  _erase(path, plain, config=str(folder))
+  got, _ = io.read_edit_file(out / "edit.safetensors")
+  want, _ = io.read_edit_file(plain / "edit.safetensors")
+  assert list(got) == list(want) and all(np.array_equal(got[k], want[k]) for k in want)
+  applied = tmp_path / "applied.safetensors"
+  assert cli.main(["apply", "--model", str(path), "--config", str(folder), "--edit",
+                   str(out / "edit.safetensors"), "--out", str(applied)]) == 0
+  assert applied.read_bytes() == (out / "model.safetensors").read_bytes()
+  # apply refuses an edit made for another base model.
+  other = tmp_path / "other.safetensors"
+  tensors, _ = _tensors(path)
+  safetensors.numpy.save_file(tensors, other, metadata={"format": "pt", "x": "1"})
+  capsys.readouterr()
+  assert cli.main(["apply", "--model", str(other), "--config", str(folder), "--edit",
+                   str(out / "edit.safetensors"), "--out", str(tmp_path / "x.safetensors")]) == 2
+  assert "refusing to apply" in capsys.readouterr().err
+
+
+def test_convert_round_trip(tiny_models, tmp_path):
+  """file -> folder -> file keeps every tensor bit for bit; the folder
+  holds the original folder's tensors."""
+  folder, path = tiny_models["sd2"]
+  back = tmp_path / "back"
+  assert cli.main(["convert", str(path), str(back), "--config", str(folder)]) == 0
+  for part, weights in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                        ("text_encoder", "model")):
+    got = safetensors.numpy.load_file(back / part / f"{weights}.safetensors")
+    want = safetensors.numpy.load_file(folder / part / f"{weights}.safetensors")
+    want.pop("text_model.embeddings.position_ids", None)
+    assert set(got) == set(want)
+    assert all(got[k].tobytes() == want[k].tobytes() for k in want), part
+  again = tmp_path / "again.safetensors"
+  assert cli.main(["convert", str(back), str(again)]) == 0
+  first, _ = _tensors(path)
+  second, _ = _tensors(again)
+  assert set(first) == set(second)
+  assert all(first[k].tobytes() == second[k].tobytes() for k in first)
+
+
+# -- the real CLIP tokenizer -------------------------------------------------------------
+
+
+def _openai_simple_tokenizer():
+  """OpenAI's own CLIP tokenizer (clip/simple_tokenizer.py), loaded by path:
+  the package's __init__ imports torchvision, which the tests do not need."""
+  spec = importlib.util.find_spec("clip")
+  if spec is None:
+    pytest.skip("the openai-clip package (test extra) is not installed")
+  source = pathlib.Path(list(spec.submodule_search_locations)[0]) / "simple_tokenizer.py"
+  module_spec = importlib.util.spec_from_file_location("_clip_simple_tokenizer", source)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.SimpleTokenizer()
+
+
+PROMPTS = [
+    # No '!': it is SD 2.x's pad token, which transformers matches as a special
+    # token inside the text (id 0, as SD 2's own tokenizer folder does), where
+    # OpenAI's tokenizer reads '!</w>'.
+    "a photo of a parachute", "Claude Monet", "golf ball", "", "an image of a French horn?",
+    "painting in the style of Vincent van Gogh, oil on canvas, 4k, trending",
+    "New York City's skyline at dusk -- high-detail, ultra realistic",
+    " ".join(["parachute"] * 90),  # truncated at 77
+    " ".join(f"word{i}" for i in range(40)),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_real_tokenizer_positions_equal_openai_clip(variant):
+  """The tokenizer found without a download encodes like OpenAI's CLIP
+  tokenizer: same ids, lengths, end token and truncation at 77; padding
+  with the family's pad token (SD 1.x <|endoftext|>, SD 2.x '!')."""
+  reference = _openai_simple_tokenizer()
+  tok = single_file.find_tokenizer(single_file.FAMILIES[variant])
+  assert len(tok) == 49408
+  ids, lengths = text.tokenize(tok, PROMPTS, max_length=77)
+  bos, eos = reference.encoder["<|startoftext|>"], reference.encoder["<|endoftext|>"]
+  pad = eos if variant == "sd1" else reference.encoder["!"]
+  for prompt, row, length in zip(PROMPTS, ids, lengths):
+    body = reference.encode(prompt)[:75]
+    want = [bos] + body + [eos]
+    assert length == len(want), prompt
+    assert list(row) == want + [pad] * (77 - len(want)), prompt
+
+
+def test_tokenizer_folder_and_missing(tmp_path, monkeypatch):
+  reference = _openai_simple_tokenizer()
+  family = single_file.FAMILIES["sd1"]
+  found = single_file.find_tokenizer(family)
+  found.save_pretrained(tmp_path / "tok")
+  from_dir = single_file.find_tokenizer(family, tmp_path / "tok")
+  assert from_dir("a photo of a parachute").input_ids == (
+      [49406] + reference.encode("a photo of a parachute") + [49407])
+  with pytest.raises(FileNotFoundError, match="holds neither vocab.json"):
+    single_file.find_tokenizer(family, tmp_path)
+  monkeypatch.setattr(single_file, "_PACKAGES", ())
+  monkeypatch.setattr(single_file, "_vocab_in_hf_cache", lambda: None)
+  with pytest.raises(FileNotFoundError, match="pass --tokenizer FOLDER"):
+    single_file.find_tokenizer(family)
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+def test_bad_files(tiny_models, tmp_path, capsys):
+  folder, path = tiny_models["sd1"]
+  unknown = tmp_path / "unknown.safetensors"
+  safetensors.numpy.save_file({"encoder.layer.0.weight": np.zeros(2, np.float32),
+                               "encoder.layer.1.weight": np.zeros(2, np.float32)}, unknown)
+  with pytest.raises(ValueError, match=r"not an SD 1.x or SD 2.x single file.*encoder.layer"):
+    models.load_model(unknown)
+  sdxl = tmp_path / "sdxl.safetensors"
+  safetensors.numpy.save_file({single_file._SDXL: np.zeros(2, np.float32)}, sdxl)
+  with pytest.raises(ValueError, match="SDXL single file; SDXL is not supported yet"):
+    models.load_model(sdxl)
+  truncated = tmp_path / "truncated.safetensors"
+  truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  with pytest.raises(ValueError, match="corrupt or truncated"):
+    models.load_model(truncated, config=folder)
+  pickle = tmp_path / "model.ckpt"
+  pickle.write_bytes(b"PK\x03\x04 a zip pickle")
+  assert cli.main(["erase", "--model", str(pickle), "--concepts", "a",
+                   "--out", str(tmp_path / "o")]) == 2
+  err = capsys.readouterr().err
+  assert "pickled PyTorch checkpoint" in err and "weights_only=True" in err
+  assert len(err.strip().splitlines()) == 1
+  # A single file whose shapes do not fit the built-in configs.
+  with pytest.raises(ValueError, match="does not fit the built-in SD 1.x configs.*missing"):
+    models.load_model(path)
+
+
+def test_edited_file_refuses_input_and_leaves_nothing_on_a_full_disk(
+    tiny_models, tmp_path, monkeypatch):
+  folder, path = tiny_models["sd1"]
+  model = models.load_model(path, config=folder, weights="edit")
+  kernels = models.cross_attention_kernels(model.unet_params)
+  kernels = {k: np.asarray(v) * 2 for k, v in kernels.items()}
+  with pytest.raises(ValueError, match="would overwrite the input"):
+    single_file.write_edited(path, path, kernels, config=folder, overwrite=True)
+  out = tmp_path / "out" / "edited.safetensors"
+  out.parent.mkdir()
+  real = shutil.disk_usage
+  monkeypatch.setattr(single_file.shutil, "disk_usage",
+                      lambda p: real(p)._replace(free=1000))
+  with pytest.raises(ValueError, match="not enough disk space"):
+    single_file.write_edited(path, out, kernels, config=folder)
+  monkeypatch.setattr(single_file.shutil, "disk_usage", real)
+
+  def full_disk(source, target, length):
+    target.write(source.read(1000))
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(single_file.shutil, "copyfileobj", full_disk)
+  with pytest.raises(OSError, match="No space left"):
+    single_file.write_edited(path, out, kernels, config=folder)
+  assert list(out.parent.iterdir()) == []
+  nan = {k: np.full_like(v, np.nan) for k, v in kernels.items()}
+  with pytest.raises(ValueError, match="non-finite"):
+    single_file.write_edited(path, out, nan, config=folder)
+  assert list(out.parent.iterdir()) == []
+
+
+def test_header_layout_is_kept(tiny_models, tmp_path):
+  """The edited file keeps the input's header entries (dtype, shape,
+  offsets) and 8-byte alignment."""
+  folder, path = tiny_models["sd2"]
+  model = models.load_model(path, config=folder, weights="edit")
+  kernels = {k: np.asarray(v) + 1 for k, v in models.cross_attention_kernels(
+      model.unet_params).items()}
+  out = single_file.write_edited(path, tmp_path / "e.safetensors", kernels, config=folder,
+                                 metadata={"note": "x"})
+  before, _ = single_file._header(path)
+  after, start = single_file._header(out)
+  assert start % 8 == 0
+  assert after["__metadata__"] == {**before.get("__metadata__", {}), "note": "x"}
+  assert {k: v for k, v in after.items() if k != "__metadata__"} == {
+      k: v for k, v in before.items() if k != "__metadata__"}
+  assert out.stat().st_size - start == path.stat().st_size - single_file._header(path)[1]
+  with open(out, "rb") as f:
+    assert struct.unpack("<Q", f.read(8))[0] == start - 8
