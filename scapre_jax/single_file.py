@@ -34,8 +34,6 @@ from scapre_jax import models
 
 SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-# Flax paths of the tensors an edit reads and writes.
-EDIT_PATH = re.compile(r"(.+/)?attn2/(to_k|to_v)/kernel")
 _CHUNK = 16 << 20
 
 
@@ -202,6 +200,7 @@ def load(path, *, dtype: str = "float32", text_dtype: str | None = None, config=
   read); "all" reads the whole UNet too. `config`: a diffusers folder whose
   configs and tokenizer replace the family's built-in ones. `tokenizer`: a
   folder with the CLIP vocabulary (see `find_tokenizer`)."""
+  from scapre_jax import io
   if weights not in ("all", "edit"):
     raise ValueError(f"weights must be 'all' or 'edit', got {weights!r}")
   path = check_file(path)
@@ -219,7 +218,8 @@ def load(path, *, dtype: str = "float32", text_dtype: str | None = None, config=
     expected = models.abstract_params(part, configs[part])
     if part == "unet" and weights == "edit":
       flat = convert.flatten(expected)
-      expected = convert.unflatten({p: a for p, a in flat.items() if EDIT_PATH.fullmatch(p)})
+      expected = convert.unflatten({p: a for p, a in flat.items()
+                                    if io.EDIT_PATH.fullmatch(p)})
     params[part] = models.PARTS[part].layout.to_flax(states[part], expected)
   if tokenizer is None and config is not None:
     tokenizer = models.resolve(config) / "tokenizer"
