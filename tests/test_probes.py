@@ -67,6 +67,21 @@ def test_canonical_mode_ties_swapped_rows_exactly():
   np.testing.assert_allclose(canonical, 0.5 ** 8, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_canonical_mode_all_rows_tied_standardise_to_exactly_zero(dtype):
+  # 100 rows, half firing above and half below the empty prompt: every MI
+  # is the same value x, but the mean of 100 copies of x rounds away from x
+  # (by 2.4e-7 in float32, 2.2e-16 in float64), which the standardisation
+  # used to divide by a std of the same size. Measured from the row minimum,
+  # every weight is exactly sigmoid(0)^p.
+  weight = jnp.asarray(np.tile([[1.0, 0.0], [0.0, 1.0]], (50, 1)), dtype)
+  zeros = jnp.zeros((1, 2, 2), dtype)
+  r = probes.mi_soft_mask(weight, jnp.array([[1.0, 0.0]], dtype), jnp.array([0.0, 1.0], dtype),
+                          zeros, zeros, jnp.array([True]), sigma=0.0, temperature=0.7,
+                          power=8.0, mode="canonical")
+  np.testing.assert_array_equal(r, np.full((1, 100), 0.5 ** 8, dtype))
+
+
 def test_mi_mask_padding_concepts_get_zero_weight():
   weight, concept, empty, zeros = two_level_case()
   concepts = jnp.concatenate([concept, concept])
