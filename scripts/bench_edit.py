@@ -66,7 +66,7 @@ import transformers  # noqa: E402
 import convert  # noqa: E402
 import scapre_jax  # noqa: E402
 from scapre_jax import edit, models, precision, sets, text, tiny  # noqa: E402
-from scapre_jax.config import PRESETS, EditConfig  # noqa: E402
+from scapre_jax.config import MI_MODES, PRESETS, EditConfig  # noqa: E402
 from scapre_jax import reference as ref  # noqa: E402
 
 CONCEPT_LISTS = ROOT / "scapre_jax" / "data" / "concept_lists.json"
@@ -624,7 +624,7 @@ def bench_reference(model, kernels, request, config, *, sample_concepts, sample_
 
 def run_edit(args, n: int) -> dict[str, Any]:
   shapes = SHAPES[args.shapes]
-  config = EditConfig.preset(args.preset)
+  config = EditConfig.preset(args.preset, mi_mode=args.mi_mode)
   log("building the text encoder")
   model = build_model(args.shapes, args.seed, args.precision)
   d_in = model.text_encoder.config.hidden_size
@@ -633,7 +633,8 @@ def run_edit(args, n: int) -> dict[str, Any]:
   concepts = concept_names(n)
   key = jax.random.key(args.seed)
   record = {"kind": "edit", "concepts": n, "preset": args.preset, "shapes": args.shapes,
-            "precision": args.precision, "matrices": len(kernels), "d_in": d_in,
+            "precision": args.precision, "mi_mode": args.mi_mode,
+            "matrices": len(kernels), "d_in": d_in,
             "loadavg_start": os.getloadavg()}
   ours, request, stats, groups = bench_ours(
       model, kernels, concepts, config, key, repeat=args.repeat,
@@ -665,7 +666,7 @@ def run_edit(args, n: int) -> dict[str, Any]:
 
 def run_sets(args, n: int, num_sets: int) -> dict[str, Any]:
   shapes = SHAPES[args.shapes]
-  config = EditConfig.preset(args.preset)
+  config = EditConfig.preset(args.preset, mi_mode=args.mi_mode)
   model = build_model(args.shapes, args.seed, args.precision)
   d_in = model.text_encoder.config.hidden_size
   kernels = {k: jnp.asarray(v, args.precision)
@@ -673,7 +674,8 @@ def run_sets(args, n: int, num_sets: int) -> dict[str, Any]:
   names = concept_names(n * num_sets)
   key = jax.random.key(args.seed)
   record = {"kind": "sets", "concepts": n, "sets": num_sets, "preset": args.preset,
-            "shapes": args.shapes, "precision": args.precision, "matrices": len(kernels),
+            "shapes": args.shapes, "precision": args.precision, "mi_mode": args.mi_mode,
+            "matrices": len(kernels),
             "d_in": d_in,
             "matrix_batch": edit.default_matrix_batch(args.matrix_batch),
             "loadavg_start": os.getloadavg()}
@@ -762,6 +764,8 @@ def parse(argv=None) -> argparse.Namespace:
                       help="timed [old, new] encoder calls of the reference")
   parser.add_argument("--ref-rows", type=int, default=None,
                       help="rows per matrix for the reference's per-row loops (default all)")
+  parser.add_argument("--mi-mode", default="released", choices=MI_MODES,
+                      help="EditConfig.mi_mode of the preset")
   parser.add_argument("--precision", default="float32", choices=precision.PRECISIONS,
                       help="float64: text encoder and edit in float64, as erase "
                            "--precision float64 (no PyTorch reference)")
@@ -785,7 +789,7 @@ def _worker_argv(args, n: int, num_sets: int | None, out: pathlib.Path) -> list[
           "--preset", args.preset, "--shapes", args.shapes, "--repeat", str(args.repeat),
           "--ref-concepts", str(args.ref_concepts), "--ref-encodes", str(args.ref_encodes),
           "--seed", str(args.seed), "--max-temp-gib", str(args.max_temp_gib),
-          "--precision", args.precision]
+          "--precision", args.precision, "--mi-mode", args.mi_mode]
   if args.matrix_batch is not None:
     argv += ["--matrix-batch", str(args.matrix_batch)]
   if args.ref_rows is not None:
