@@ -102,10 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                  choices=("float32", "bfloat16", "float16", "float64"),
                  help="dtype the model is loaded in and the edit is written in")
   p.add_argument("--precision", choices=("float32", "float64"),
-                 help="float64: encode the text and compute the edit in float64, "
-                      "the same to 1e-10 however sets are batched or sharded "
-                      "(slower; see docs/reproducibility.md). Default: float32, "
-                      "float64 for --dtype float64")
+                 help="float64: encode the text and compute the edit in float64; "
+                      "with --set mi_mode=canonical the same to 1e-10 however sets "
+                      "are batched or sharded (slower; see docs/reproducibility.md). "
+                      "Default: float32, float64 for --dtype float64")
   p.add_argument("--full", action="store_true", help="also write OUT/model/, "
                  "the complete edited diffusers folder (OUT/model.safetensors for a "
                  "single-file --model)")

@@ -6,8 +6,10 @@ Two precisions (docs/reproducibility.md):
   float32. Fast; results can differ by float32 rounding between programs
   (batch compositions, device counts, CPU makes, CLI vs library).
 * "float64": the text encoding and the whole edit run in float64; the weights
-  are written back in the model's dtype. A set's edit is then the same to
-  1e-10 (relative) however it is batched, sharded or called.
+  are written back in the model's dtype. With `mi_mode="canonical"` a set's
+  edit is then the same to 1e-10 (relative) however it is batched, sharded
+  or called; `mi_mode="released"` keeps the released code's float32 MI
+  standardisation, whose rounding the mask can still amplify.
 
 float64 arrays need JAX's 64-bit mode, which is process-global and must be on
 before any array is made. The `scapre-jax` CLI turns it on itself; the library

@@ -2,8 +2,10 @@
 
 Sets are padded to common sizes (concepts, sequence rows, preserve prompts)
 with masks and stacked along a leading "sets" axis; `edit_sets` vmaps the
-engine over that axis. Padding changes nothing (tests/test_edit.py), so each
-set's result equals running that set alone with the same key.
+engine over that axis. Padding changes nothing in exact arithmetic
+(tests/test_edit.py), so each set's result equals running that set alone
+with the same key up to rounding: to 1e-10 in float64 with canonical MI, and
+in float32 up to a rounding the MI mask can amplify (docs/reproducibility.md).
 """
 
 from __future__ import annotations
@@ -89,8 +91,9 @@ def edit_sets(kernels: Mapping[str, jax.Array], sets: Sequence[ConceptInputs],
               matrix_batch: int | None = None) -> list[dict[str, jax.Array]]:
   """Edits the same kernels for every concept set; one dict per set.
 
-  Every set uses `key` (as if it ran alone with that key), so results do not
-  depend on which sets share a batch. With a `mesh` (see `sharding.sets_mesh`)
+  Every set uses `key` (as if it ran alone with that key), so results depend
+  on which sets share a batch only through rounding (docs/reproducibility.md).
+  With a `mesh` (see `sharding.sets_mesh`)
   the sets axis is sharded over its devices and the kernels replicated; the
   number of sets is padded up to a multiple of the device count.
   """
