@@ -33,10 +33,10 @@ def run(*argv):
 
 
 # The float64 guarantee (docs/reproducibility.md) is shown with canonical MI:
-# mi_mode=released keeps the released code's float32 MI standardisation,
-# whose mean and std are float32 reductions in an order XLA picks per
-# program, so with every row tied at log 2 one program's rounding can still
-# move a row weight (measured: up to 4e-2 batched against alone).
+# mi_mode=released keeps the released code's float32 MI standardisation, so
+# with every row tied at log 2 one rounding can move a row weight (measured
+# up to 4e-2 batched against alone before 88965e8 fixed its summation order
+# to torch's; not yet re-measured).
 CANONICAL = ("--set", "mi_mode=canonical")
 CONFIG64 = sj.EditConfig.preset("scapre", mi_mode="canonical")
 
