@@ -245,15 +245,15 @@ def rounding_note(summary: dict) -> str | None:
 
 
 def format_summary(summary: dict) -> str:
-  """The table printed at the end of an erase."""
-  rows = [("set", "concepts", "time_s", "target_gap", "concept_shift", "preserve_shift",
-           "other_shift")]
+  """The table printed at the end of an erase, with what its columns mean."""
+  rows = [("set", "concepts", "erased_moved", "others_moved", "ratio", "preserve_moved",
+           "time_s")]
   for s in summary["sets"]:
     rows.append((s["name"], str(len(s["concepts"])),
-                 f"{s['solve_s'] + s['write_s']:.2f}",
-                 f"{s['target_gap']:.3f}", f"{s['concept_shift']:.3f}",
-                 f"{s['preserve_shift']:.3f}" if "preserve_shift" in s else "-",
-                 f"{s['other_shift']:.4f}" if "other_shift" in s else "-"))
+                 f"{s['erased_moved']:.3f}", f"{s['others_moved']:.3f}",
+                 f"{s['ratio']:.1f}x",
+                 f"{s['preserve_moved']:.3f}" if "preserve_moved" in s else "-",
+                 f"{s['solve_s'] + s['write_s']:.2f}"))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
            for r in rows]
@@ -264,9 +264,16 @@ def format_summary(summary: dict) -> str:
   if "total_s" in summary:
     tail += f" in {summary['total_s']:.1f} s"
   lines.append(tail)
-  lines.append("target_gap: distance of the erased prompts' projections to their "
-               "targets (1 = unmoved, 0 = reached); *_shift: relative change of the "
-               "projections of the erased, preserved and unrelated prompts")
+  if summary["sets"]:
+    lines += [
+        "erased_moved: how far the erased prompts' concept tokens moved in the edited",
+        "  projections, ||c (W'-W)|| / ||c W||, mean over prompts and matrices (0 = untouched)",
+        f"others_moved: the same for the words of {summary.get('others', 'the')} unrelated "
+        "captions no set names",
+        "ratio: erased_moved / others_moved; well above 1 = the edit singled out its "
+        "concepts",
+        "preserve_moved: the same for the --preserve prompts' words (lower = better kept)",
+    ]
   return "\n".join(lines)
 
 

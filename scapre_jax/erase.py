@@ -135,9 +135,14 @@ def cache_home() -> pathlib.Path:
   return pathlib.Path(cache) / "scapre-jax"
 
 
+# The built-in model: tiny, random, with SD 1.x's 768-wide context (see
+# tiny.TINY_CONFIGS).
+DEFAULT_TINY_VARIANT = "sd1-768"
+
+
 def default_model_dir() -> pathlib.Path:
-  """Where the built-in tiny model lives: cache_home() / "tiny-sd1"."""
-  return cache_home() / "tiny-sd1"
+  """Where the built-in tiny model lives: cache_home() / "tiny-sd1-768"."""
+  return cache_home() / f"tiny-{DEFAULT_TINY_VARIANT}"
 
 
 def enable_compile_cache(path: str | os.PathLike | None = None) -> pathlib.Path | None:
@@ -165,7 +170,7 @@ def ensure_tiny_model() -> pathlib.Path:
   path = default_model_dir()
   if not (path / "model_index.json").exists():
     try:
-      tiny.write_tiny_model(path)
+      tiny.write_tiny_model(path, variant=DEFAULT_TINY_VARIANT)
     except (ValueError, OSError):
       if not (path / "model_index.json").exists():  # not a concurrent writer
         raise
@@ -237,7 +242,8 @@ def run(job: EraseJob, *, progress: Callable[[str], None] | None = _stderr) -> d
   requests = {s.name: encode_set(model, s, job.config_for(s),
                                  batch_size=job.text_batch_size, cache=cache)
               for s in todo}
-  other_seqs, _ = text.encode_prompts(model, other, cache=cache)
+  others = text.encode_prompts(model, other, cache=cache)
+  summary["others"] = len(other)
   encode_s = time.perf_counter() - t0
   say(f"encode: {len(set(prompts))} prompts of {len(todo)} set(s) in {encode_s:.1f} s")
 
@@ -261,7 +267,7 @@ def run(job: EraseJob, *, progress: Callable[[str], None] | None = _stderr) -> d
       for s, result in zip(chunk, edited):
         t0 = time.perf_counter()
         entry = _write_set(job, s, config, model, kernels, result, requests[s.name],
-                           other_seqs)
+                           others, cache)
         entry["solve_s"] = solve_s / len(chunk)
         entry["write_s"] = time.perf_counter() - t0
         summary["sets"].append(entry)
@@ -291,14 +297,19 @@ def _request_prompts(s: ConceptSet, config: EditConfig) -> list[str]:
   return prompts + guides + list(s.preserve) + [""]
 
 
-def _write_set(job, s, config, model, kernels, edited, request, other_seqs) -> dict:
+def _write_set(job, s, config, model, kernels, edited, request, others, cache) -> dict:
   edit_path, report_path = job.files(s)
   overwrite = job.replaces(s)
+  other_seqs, other_lengths = others
   report = metrics.edit_report(kernels, edited, request.inputs, config,
                                other_seqs=other_seqs)
   mask = metrics.mask_report(kernels, request.inputs, config, key=jax.random.key(job.seed))
   for name, measures in mask.items():
     report[name].update(measures)
+  kept = (text.encode_prompts(model, request.preserve, cache=cache)
+          if request.preserve else (None, None))
+  selectivity = metrics.selectivity(kernels, edited, request.inputs, other_seqs,
+                                    other_lengths, *kept)
   layers = {name: {k: v for k, v in entry.items() if k != "target_gap_per_concept"}
             for name, entry in report.items()}
   means = {key: float(np.mean([e[key] for e in layers.values()]))
@@ -339,7 +350,7 @@ def _write_set(job, s, config, model, kernels, edited, request, other_seqs) -> d
       "preserve": request.preserve, "config": config.to_dict(), "seed": job.seed,
       "precision": job.edit_precision,
       "model": str(model.path), "base_fingerprint": model.fingerprint,
-      "files": written, **means,
+      "files": written, **selectivity, **means,
       "layers": {models.torch_name(n): e for n, e in report.items()},
   }
   io.write_json(report_path, entry, overwrite=overwrite)

@@ -1,6 +1,13 @@
-"""What an edit did, measured in the projection space (ALGORITHM.md, last
-section): how far each erased concept's projections moved to their targets,
-and how little the projections of preserved or unrelated prompts moved.
+"""What an edit did, measured in the projection space (docs/algorithm.md,
+last section): how far each erased concept's projections moved to their
+targets, and how little the projections of preserved or unrelated prompts
+moved.
+
+What a summary shows (`selectivity`): the erased prompts' concept tokens
+(the rows c_j every solver acts on) against the word tokens of prompts no set
+names. Whole sequences mislead there: from the concept's last token on, X_j
+is mostly EOS and padding rows, which every prompt shares, so an erase must
+move them in every prompt alike.
 
 All functions take Flax kernels (d_in, d_out), before and after the edit.
 """
@@ -61,6 +68,49 @@ def projection_shift(
                                     jnp.finfo(moved.dtype).tiny)
 
 
+def word_mask(lengths, seq_len: int) -> np.ndarray:
+  """(n, seq_len) bool: the word tokens of prompts with attention-mask sums
+  `lengths` (BOS + words + EOS): rows 1 .. n - 2."""
+  positions = np.arange(seq_len)[None, :]
+  lengths = np.asarray(lengths)[:, None]
+  return (positions >= 1) & (positions <= lengths - 2)
+
+
+def selectivity(before: Mapping[str, Array], after: Mapping[str, Array],
+                inputs: ConceptInputs, other_seqs: Array, other_lengths,
+                preserve_seqs: Array | None = None, preserve_lengths=None,
+                ) -> dict[str, float]:
+  """How selectively an edit acted, averaged over matrices.
+
+  Returns floats:
+    erased_moved: mean over erased prompts of ||c_j (W' - W)^T|| / ||c_j W^T||,
+      c_j the prompt's concept token (its last word).
+    others_moved: mean over the other prompts of `projection_shift` over
+      their word tokens (BOS, EOS and padding left out: they are alike in every
+      prompt).
+    ratio: erased_moved / others_moved (1 = the erase did not single out its
+      concepts at all).
+    preserve_moved: as others_moved, for the preserve prompts (if given).
+  """
+  valid = np.asarray(inputs.concept_mask)
+  cvecs = np.asarray(inputs.concept_vecs)[valid][:, None, :]
+  cmask = np.ones(cvecs.shape[:2], bool)
+  other_mask = word_mask(other_lengths, other_seqs.shape[1])
+  groups = {"erased_moved": (cvecs, cmask), "others_moved": (other_seqs, other_mask)}
+  if preserve_seqs is not None and len(preserve_seqs):
+    groups["preserve_moved"] = (preserve_seqs,
+                                word_mask(preserve_lengths, preserve_seqs.shape[1]))
+  sums = dict.fromkeys(groups, 0.0)
+  for name, w0 in before.items():
+    ct = compute_dtype(w0.dtype)
+    w0, w1 = jnp.asarray(w0, ct), jnp.asarray(after[name], ct)
+    for key, (seqs, mask) in groups.items():
+      sums[key] += float(jnp.mean(projection_shift(w0, w1, jnp.asarray(seqs, ct), mask)))
+  out = {key: value / len(before) for key, value in sums.items()}
+  out["ratio"] = out["erased_moved"] / max(out["others_moved"], float(np.finfo(np.float32).tiny))
+  return out
+
+
 def edit_report(before: Mapping[str, Array], after: Mapping[str, Array],
                 inputs: ConceptInputs, config: EditConfig, *,
                 other_seqs: Array | None = None, other_mask: Array | None = None,
@@ -68,9 +118,16 @@ def edit_report(before: Mapping[str, Array], after: Mapping[str, Array],
   """Per matrix: mean target gap, mean shift of the erased concepts' own
   projections (concept_shift), of preserved ones (preserve_shift) and of
   other, unrelated sequences (other_shift), and the relative weight change
-  ||W' - W|| / ||W||. An erase took hold where concept_shift is large and
-  other_shift small; with the MI mask on, rows with low weight r_j are
-  pulled towards zero rather than V_j, so target_gap can exceed 1.
+  ||W' - W|| / ||W||.
+
+  target_gap measures the distance to V_j, the guide's projection, which is
+  the solve's whole aim only in uce. With the MI mask (presets scapre and
+  scapre-small) rows of low weight r_j are pulled to zero instead of to V_j,
+  and in every ScaPre preset the C^T C term (and Pi in scapre) pulls the
+  concept token towards zero as well, so target_gap above 1 is expected there
+  and says nothing of failure. The shifts run
+  over whole sequences, EOS and padding rows included; `selectivity` is the
+  measure that compares like with like.
 
   Returned values are Python floats (and lists per concept), ready for JSON.
   Padding concepts and sequences are left out of the means.

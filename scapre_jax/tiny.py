@@ -48,6 +48,11 @@ class TinyVariant:
   text_encoder: dict[str, Any]
   scheduler: dict[str, Any]
   pad_token: str
+  # Std of the text encoder's token embeddings (position embeddings keep
+  # 0.02). A larger one makes each row of the encoder's output mostly its own
+  # word, as in a trained encoder, instead of a mix of position and biases
+  # that every prompt shares.
+  token_embedding_std: float = 0.02
 
 
 _UNET_SD1 = {
@@ -140,6 +145,21 @@ TINY_CONFIGS: dict[str, TinyVariant] = {
                    "prediction_type": "epsilon"},
         pad_token="!",
     ),
+    # SD 1.x's real 768-wide context (the UNet blocks and the encoder's depth
+    # stay tiny), with word-dominated text rows: the built-in model of
+    # `scapre-jax erase`. In 32 dimensions a few dozen prompts already span
+    # the space, so any erase moves every prompt; in 768, as in SD, an erase
+    # can single out its concepts, and the summary shows it.
+    "sd1-768": TinyVariant(
+        unet={**_UNET_SD1, "cross_attention_dim": 768},
+        vae=_VAE,
+        text_encoder={**_TEXT_SD1, "hidden_size": 768, "intermediate_size": 64,
+                      "projection_dim": 768},
+        scheduler={"_class_name": "PNDMScheduler", **_SCHEDULER,
+                   "skip_prk_steps": True},
+        pad_token=_EOS,
+        token_embedding_std=1.0,
+    ),
 }
 
 
@@ -191,7 +211,7 @@ def _write(root: pathlib.Path, spec: TinyVariant, seed: int) -> None:
       ("vae", spec.vae, "diffusion_pytorch_model.safetensors"),
       ("text_encoder", text_config, "model.safetensors")):
     _json(root / part / "config.json", config)
-    safetensors.numpy.save_file(_torch_weights(part, config, seed),
+    safetensors.numpy.save_file(_torch_weights(part, config, seed, spec),
                                 root / part / weights, metadata={"format": "pt"})
   _json(root / "scheduler" / "scheduler_config.json", spec.scheduler)
   tokenizer = root / "tokenizer"
@@ -207,7 +227,8 @@ def _write(root: pathlib.Path, spec: TinyVariant, seed: int) -> None:
       "tokenizer_class": "CLIPTokenizer"})
 
 
-def _torch_weights(part: str, config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
+def _torch_weights(part: str, config: dict[str, Any], seed: int,
+                   spec: TinyVariant) -> dict[str, np.ndarray]:
   """Random weights in PyTorch layout, drawn in the Flax model's shapes
   (`jax.eval_shape` of its init) and scaled like Flax's default inits.
 
@@ -218,6 +239,10 @@ def _torch_weights(part: str, config: dict[str, Any], seed: int) -> dict[str, np
   """
   rng = np.random.default_rng([seed, list(models.PARTS).index(part)])
   params = random_params(part, config, rng)
+  if part == "text_encoder":
+    embeddings = params["text_model"]["embeddings"]["token_embedding"]
+    embeddings["embedding"] = embeddings["embedding"] * np.float32(
+        spec.token_embedding_std / 0.02)
   return models.PARTS[part].layout.to_torch(params, models.abstract_params(part, config))
 
 

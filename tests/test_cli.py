@@ -67,7 +67,7 @@ def test_erase_writes_edit_equal_to_library_result(tiny_dir, tmp_path, capsys):
   assert run("erase", "--model", tiny_dir, "--concepts", "parachute, golf ball",
              "--out", out, "--seed", 3, "--dtype", "float64", *CANONICAL) == 0
   table = capsys.readouterr().out
-  assert "target_gap" in table and "1 set(s) written" in table
+  assert "erased_moved" in table and "1 set(s) written" in table
   kernels, meta = io.read_edit_file(out / "edit.safetensors")
   assert meta["concepts"] == ["parachute", "golf ball"]
   assert meta["config"] == CONFIG64.to_dict()
