@@ -8,12 +8,27 @@ argument: two calls with equal configs share one compiled program.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 Method = Literal["scapre", "scapre-small", "uce"]
 Technique = Literal["replace", "tensor"]
 MIMode = Literal["released", "canonical"]
 TokenRows = Literal["aligned", "last"]
+
+# Upper bounds of the settings (validate; lower ones: > 0 or >= 0). Where
+# the float32 solve is sound on SD-shaped systems: the Gram matrix's
+# condition grows like erase_scale ||S|| / lamb, and past erase_scale ~1e3
+# its Cholesky breaks down (non-finite weights, refused); past lamb ~1e20
+# the squares overflow and the edit came out as zeros. The released
+# scripts use lamb 0.5, erase_scale 1-3. bures_iters: the fixed point
+# settles in a few steps (released: 1). Every float must be finite.
+UPPER_BOUNDS: dict[str, float] = {
+    "lamb": 1e4, "erase_scale": 100.0, "preserve_scale": 100.0,
+    "residual_scale": 100.0, "mi_temperature": 1e4, "spectral_temperature": 1e4,
+    "p": 100.0, "spectral_power": 100.0, "noise_sigma": 10.0,
+}
+MAX_BURES_ITERS = 1000
 
 METHODS: tuple[str, ...] = ("scapre", "scapre-small", "uce")
 TECHNIQUES: tuple[str, ...] = ("replace", "tensor")
@@ -96,6 +111,10 @@ class EditConfig:
     if self.token_rows not in TOKEN_ROWS:
       raise ValueError(
           f"unknown token_rows {self.token_rows!r}; expected one of {TOKEN_ROWS}")
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{f.name} must be finite, got {value!r}")
     positive = {
         "lamb": self.lamb,
         "erase_scale": self.erase_scale,
@@ -105,6 +124,10 @@ class EditConfig:
     for name, value in positive.items():
       if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
+    for name, top in UPPER_BOUNDS.items():
+      value = getattr(self, name)
+      if value is not None and not value <= top:
+        raise ValueError(f"{name} must be at most {top:g}, got {value!r}")
     non_negative = {
         "noise_sigma": self.noise_sigma,
         "p": self.p,
@@ -123,8 +146,10 @@ class EditConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not isinstance(self.bures_iters, int) or self.bures_iters < 0:
-      raise ValueError(f"bures_iters must be an int >= 0, got {self.bures_iters!r}")
+    if (not isinstance(self.bures_iters, int) or isinstance(self.bures_iters, bool)
+        or not 0 <= self.bures_iters <= MAX_BURES_ITERS):
+      raise ValueError(f"bures_iters must be an int in [0, {MAX_BURES_ITERS}], "
+                       f"got {self.bures_iters!r}")
     if not self.targets or any(t not in ("to_k", "to_v") for t in self.targets):
       raise ValueError(
           f"targets must be a non-empty subset of ('to_k', 'to_v'), got {self.targets!r}")

@@ -96,12 +96,16 @@ def bures_prox(
   u_a = solved / a
   r0 = _row_norm(original)
   u0 = original / r0
-  u, r = u_a, a
-  for _ in range(max(1, iters)):
+
+  def step(_, carry):
+    u, _ = carry
     kappa = jnp.maximum(jnp.sum(u * u0, axis=-1, keepdims=True), 0)
     r = (lam_prox * a + mu * r0 * kappa) / (lam_prox + mu)
     direction = lam_prox * a * u_a + mu * r0 * kappa * u0
-    u = direction / _row_norm(direction)
+    return direction / _row_norm(direction), r
+
+  # A compiled loop: program size and memory do not grow with `iters`.
+  u, r = jax.lax.fori_loop(0, max(1, iters), step, (u_a, a))
   return r * u
 
 
