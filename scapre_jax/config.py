@@ -1,6 +1,6 @@
 """Edit settings: one frozen dataclass, named presets.
 
-Every field maps to a setting of ALGORITHM.md; the comments name the symbol
+Every field maps to a setting of docs/algorithm.md; the comments name the symbol
 used there. The config is hashable, so jitted functions take it as a static
 argument: two calls with equal configs share one compiled program.
 """
@@ -41,7 +41,7 @@ class EditConfig:
   """Settings of one edit.
 
   `method` picks the solver: "scapre" (large-scale: Sylvester solve + Bures
-  step, ALGORITHM.md "Large-scale solver"), "scapre-small" (erase.py solve
+  step, docs/algorithm.md "Large-scale solver"), "scapre-small" (erase.py solve
   with entropy rollback) or "uce" (the baseline). `token_rows`,
   `guide_templates` and `preserve_empty` are text-side choices that
   `text.build_concept_inputs` honours (docs/algorithm.md "Text side"): a
@@ -185,7 +185,7 @@ class EditConfig:
     return cls(**d)
 
 
-# The released scripts' settings (ALGORITHM.md "Released presets").
+# The released scripts' settings (docs/algorithm.md "Presets").
 PRESETS: dict[str, dict] = {
     # Many objects or artists at once.
     "scapre": dict(

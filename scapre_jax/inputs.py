@@ -1,4 +1,4 @@
-"""The text side of an edit, already encoded (ALGORITHM.md "Text side").
+"""The text side of an edit, already encoded (docs/algorithm.md "Text side").
 
 `ConceptInputs` is a pytree of arrays: it can be passed through `jit`,
 stacked along a leading "sets" axis and `vmap`ped. Masks are always present

@@ -137,7 +137,7 @@ def encode_ids(model, input_ids: np.ndarray, *, batch_size: int = 16) -> np.ndar
   padded): the jitted encoder compiles once, and a prompt's embedding is
   bit-for-bit the same whichever prompts share its batch. That matters: the
   released MI mask can turn a one-ulp change of an embedding into a visibly
-  different edit (ALGORITHM.md, "A quirk that matters"), and a set must give
+  different edit (docs/algorithm.md, "MI soft mask"), and a set must give
   the same edit alone as inside a sets file.
   """
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -189,7 +189,7 @@ def encode_prompts(model, prompts: Sequence[str], *, batch_size: int = 16,
 def aligned_slices(n_old: int, n_new: int, *, seq_len: int = 77) -> tuple[int, int, int]:
   """(start_old, start_new, L_j) of the aligned pair: X_j = E(o)[start_old :
   start_old + L_j], Y_j = E(g)[start_new : start_new + L_j]
-  (ALGORITHM.md "Text side": f = n - 2, far = max(f_o, f_n), L_j = 77 - far)."""
+  (docs/algorithm.md "Text side": f = n - 2, far = max(f_o, f_n), L_j = 77 - far)."""
   f_o, f_n = int(n_old) - 2, int(n_new) - 2
   if f_o < 0 or f_n < 0:
     raise ValueError(f"attention-mask sums must be >= 2 (BOS + EOS), got {n_old}, {n_new}")

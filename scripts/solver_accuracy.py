@@ -1,6 +1,6 @@
 """Float32 accuracy of forms of the step-6 solve on SD-1.5-shaped systems.
 
-ALGORITHM.md step 6: w_i (G + alpha_i Pi) = b_i. The system is built as the
+docs/algorithm.md step 6: w_i (G + alpha_i Pi) = b_i. The system is built as the
 engine builds it, from the statistics of N concepts encoded by the
 benchmark's CLIP-L-sized text encoder (`scripts/bench_edit.py`), the first
 of the narrowest to_k matrices (320 wide on SD 1.5), mu = --mu and alpha_i
@@ -15,7 +15,7 @@ Forms:
 - engine: `edit.solve_scapre_system`, what the engine runs;
 - woodbury: `solvers.solve_row_sylvester_woodbury` (Cholesky of G, Woodbury in
   the concept basis), at every rank;
-- two_eigh: `solvers.solve_row_sylvester`, the closed form of ALGORITHM.md;
+- two_eigh: `solvers.solve_row_sylvester`, the closed form of docs/algorithm.md;
 - shared_eigh: a form the engine does not use. G = A + mu (I + ASED) where
   A = lambda I + CCt + eta S + preserve is the same for every matrix of a
   set, so one eigendecomposition of A per set would serve all 32 matrices

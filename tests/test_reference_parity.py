@@ -5,7 +5,7 @@ without MI mask, ASED, EGBR and preserve terms, on small and SD-1.5 shapes.
 The MI mask is decided by which side of a row median each probe falls, so the
 probes use a noise level at which rows separate to different degrees: the MI
 values are then well separated and the test checks information, not float32
-rounding (ALGORITHM.md, "A quirk that matters").
+rounding (docs/algorithm.md, "MI soft mask").
 """
 
 import dataclasses

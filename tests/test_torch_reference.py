@@ -62,7 +62,7 @@ def test_row_cholesky_solve_matches_dense_kronecker_solve():
   got = ref.scapre_row_solve(G, Pi, B, alpha).numpy()
   want = _kron_row_solve(G, Pi, B, alpha)
   np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
-  # And the closed form of ALGORITHM.md step 6 (two eigendecompositions).
+  # And the closed form of docs/algorithm.md step 6 (two eigendecompositions).
   g, Q = np.linalg.eigh(G)
   G_mhalf = Q @ np.diag(g ** -0.5) @ Q.T
   kappa, P = np.linalg.eigh(G_mhalf @ Pi @ G_mhalf)
@@ -226,7 +226,7 @@ def test_mi_soft_mask_hand_worked_two_levels():
 
 
 def test_mi_soft_mask_reproduces_float32_orientation_quirk():
-  """ALGORITHM.md: rows separating 'up' vs 'down' differ by a float32 ulp of
+  """docs/algorithm.md: rows separating 'up' vs 'down' differ by a float32 ulp of
   log 2, and standardisation blows it up (the `released` behaviour)."""
   W, c, e0, noise = _mi_setup(["up", "up", "up", "down", "down"])
   r = ref.mi_soft_mask(W, c, e0, noise, noise, sigma=0.0, temperature=0.7, power=8.0)

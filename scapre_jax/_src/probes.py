@@ -1,6 +1,6 @@
 """Noisy probes of a weight matrix: the MI soft mask and the entropy factor.
 
-ALGORITHM.md "MI soft mask r_j" and "Entropy factor e". Both estimators take
+docs/algorithm.md "MI soft mask" and "Entropy factor". Both estimators take
 their standard-normal noise as arguments; `draw_probe_noise` draws it from a
 key, one fold of the key per concept, so concept j gets the same noise
 whether it sits in a set of 3 or in a padded set of 300.

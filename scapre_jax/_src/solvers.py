@@ -1,6 +1,6 @@
 """Linear solves and row-wise proximal steps.
 
-ALGORITHM.md large-scale steps 6-8, the small-scale solve and UCE. All
+docs/algorithm.md large-scale steps 6-8, the small-scale solve and UCE. All
 functions act on one matrix in PyTorch orientation (d_out, d_in); batching
 over matrices and sets happens outside with vmap.
 """
@@ -30,7 +30,7 @@ def solve_row_sylvester(
   Step 6: with G = Q diag(g) Q^T and G^{-1/2} Pi G^{-1/2} = P diag(k) P^T,
   W = [(B M) / (1 + alpha k^T)] M^T where M = G^{-1/2} P. Two symmetric
   eigendecompositions replace one Cholesky solve per row. G must be SPD and
-  Pi symmetric PSD. The exact closed form of ALGORITHM.md; the engine solves
+  Pi symmetric PSD. The exact closed form of docs/algorithm.md; the engine solves
   with `solve_row_sylvester_woodbury`, which is more accurate in float32.
   """
   g, q = jnp.linalg.eigh(symmetrize(gram))

@@ -1,6 +1,6 @@
 """Spectral pieces built from the concept matrix C (m, d_in).
 
-ALGORITHM.md large-scale steps 2 and 4 (ASED regulariser, projector Pi) and
+docs/algorithm.md large-scale steps 2 and 4 (ASED regulariser, projector Pi) and
 the small-scale spectral residual. All three come from one thin SVD of C^T.
 Padding concepts are zero rows of C: they add zero singular values, which are
 marked invalid so they change neither the lower median nor any output.

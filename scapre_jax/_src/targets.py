@@ -1,6 +1,6 @@
 """Target values and the covariance sums of the closed-form edit.
 
-ALGORITHM.md "Per matrix W (shared pieces)". W is in PyTorch orientation
+docs/algorithm.md "Per-matrix terms". W is in PyTorch orientation
 (d_out, d_in); sequences are (m, L, d_in) with a (m, L) row mask.
 """
 
