@@ -13,13 +13,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
+import signal
 import sys
+import warnings
 
 from scapre_jax.config import EditConfig, PRESET_HELP, PRESETS
+
+# tiny.TINY_CONFIGS' keys, spelled out so parsing imports no model code
+# (tests/test_cli.py checks they agree).
+TINY_VARIANTS = ("sd1", "sd2", "sd1-768")
 
 
 def _field_types() -> dict[str, type]:
@@ -67,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("tiny", help="write the built-in tiny random-weight model")
   p.add_argument("dir")
-  p.add_argument("--variant", default="sd1", choices=("sd1", "sd2"))
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--variant", default="sd1", choices=TINY_VARIANTS)
+  p.add_argument("--seed", type=_seed, default=0)
 
   width = max(len(name) for name in PRESETS)
   p = sub.add_parser(
@@ -97,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "name none)")
   p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                  dest="overrides", help="override a setting, e.g. --set erase_scale=3")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=_seed, default=0, help="PRNG seed, 0 to 2**32 - 1")
   p.add_argument("--dtype", default="float32",
                  choices=("float32", "bfloat16", "float16", "float64"),
                  help="dtype the model is loaded in and the edit is written in")
@@ -115,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
   _add_single_file(p)
   p.add_argument("--orbax", action="store_true", help="also write OUT/orbax/")
   p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-  p.add_argument("--sets-per-call", type=int, help="sets solved in one compiled call")
-  p.add_argument("--quiet", action="store_true", help="no progress lines")
+  p.add_argument("--sets-per-call", type=_positive_int,
+                 help="sets solved in one compiled call (at least 1)")
+  p.add_argument("--quiet", action="store_true",
+                 help="no progress lines (the summary is still printed)")
   p.add_argument("--json", action="store_true", help="print the summary as JSON")
   _add_compile_cache(p)
   p.add_argument("--coordinator", help="multi-host: coordinator address host:port "
@@ -159,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--prompts", required=True, help="';'-separated prompts")
   p.add_argument("--out", required=True, help="PNG grid to write")
   p.add_argument("--steps", type=int, default=25)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=_seed, default=0, help="PRNG seed, 0 to 2**32 - 1")
   p.add_argument("--guidance", type=float, default=7.5)
   p.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
   p.add_argument("--overwrite", action="store_true")
@@ -175,6 +184,26 @@ def _add_single_file(p: argparse.ArgumentParser) -> None:
                  "bpe_simple_vocab_16e6.txt.gz)")
 
 
+def _seed(text: str) -> int:
+  try:
+    value = int(text, 0)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+  if not 0 <= value < 2 ** 32:
+    raise argparse.ArgumentTypeError(f"must be in [0, 2**32 - 1], got {text}")
+  return value
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+  return value
+
+
 def _add_compile_cache(p: argparse.ArgumentParser) -> None:
   p.add_argument("--compile-cache", metavar="DIR|off",
                  help="persistent XLA compilation cache (default: "
@@ -187,43 +216,78 @@ def _templates(value: str | None):
   return tuple(t.strip() for t in value.split(";") if t.strip())
 
 
-def _erase(args) -> int:
+def _erase(args, stop) -> int:
   if args.precision == "float64" or args.dtype == "float64":
     # Process-global and only safe before any JAX array exists: first thing.
     from scapre_jax import precision
     precision.enable_x64()
-  from scapre_jax import erase, requests
-  if args.coordinator or args.num_processes or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    import jax
-    jax.distributed.initialize(coordinator_address=args.coordinator,
-                               num_processes=args.num_processes,
-                               process_id=args.process_id)
+  # Everything the arguments alone can tell is checked here, before the
+  # model code and JAX's compiler are imported (seconds), and the lock on
+  # OUT is taken before any work.
+  from scapre_jax import outputs, requests
   overrides = tuple(parse_override(o) for o in args.overrides)
   if args.preserve_empty:
     overrides += (("preserve_empty", True),)
-  erase.enable_compile_cache(args.compile_cache)
+  out = pathlib.Path(args.out)
   if args.sets:
-    for flag in ("guides", "preserve", "templates", "full", "orbax"):
+    for flag in ("full", "orbax"):
       if getattr(args, flag):
-        raise ValueError(f"--{flag} applies to --concepts; a sets file gives these per set")
+        raise ValueError(f"--{flag} writes one model folder, so it needs one set "
+                         "(--concepts), not --sets")
+    for flag in ("guides", "preserve", "templates"):
+      if getattr(args, flag):
+        raise ValueError(f"--{flag} applies to --concepts; a sets file gives it per set")
     sets = tuple(requests.load_sets_file(args.sets, default_preset=args.preset))
     single = False
+    inputs = (pathlib.Path(args.sets),)
+    for s in sets:  # its report must not land on the sets file
+      for f in (out / f"{s.name}.safetensors", out / f"{s.name}.json"):
+        outputs.check_output(f, overwrite=True, protected=inputs)
   else:
     sets = (requests.ConceptSet(
         name="edit", concepts=requests.parse_concepts(args.concepts),
         guides=_split(args.guides), preserve=_split(args.preserve) or (),
         preset=args.preset, templates=_templates(args.templates)),)
     single = True
-  job = erase.EraseJob(
-      sets=sets, out=pathlib.Path(args.out), model=args.model, single=single,
-      full=args.full, orbax=args.orbax, seed=args.seed, dtype=args.dtype,
-      precision=args.precision,
-      overrides=overrides, overwrite=args.overwrite, sets_per_call=args.sets_per_call,
-      config=args.config, tokenizer=args.tokenizer, names=args.names)
-  summary = erase.run(job, progress=None if args.quiet or args.json else erase._stderr)
+    inputs = ()
+    local_model = ([args.model] if args.model and pathlib.Path(args.model).exists()
+                   else [])
+    for f in (out / "edit.safetensors", out / "report.json",
+              *([out / ("model.safetensors" if local_model and pathlib.Path(
+                  args.model).is_file() else "model")] if args.full else []),
+              *([out / "orbax"] if args.orbax else [])):
+      outputs.check_output(f, overwrite=args.overwrite, protected=local_model)
+  for s in sets:  # settings out of range fail here
+    EditConfig.preset(s.preset, **dict(overrides))
+  requests.check_model_argument(args.model)
+  multi = bool(args.coordinator or args.num_processes
+               or os.environ.get("JAX_COORDINATOR_ADDRESS"))
+  # A multi-host run's processes lock their own shares once JAX knows them.
+  with (contextlib.nullcontext() if multi else outputs.lock(out)):
+    from scapre_jax import erase
+    if multi:
+      import jax
+      jax.distributed.initialize(coordinator_address=args.coordinator,
+                                 num_processes=args.num_processes,
+                                 process_id=args.process_id)
+    erase.enable_compile_cache(args.compile_cache)
+    job = erase.EraseJob(
+        sets=sets, out=out, model=args.model, single=single,
+        full=args.full, orbax=args.orbax, seed=args.seed, dtype=args.dtype,
+        precision=args.precision, overrides=overrides, overwrite=args.overwrite,
+        sets_per_call=args.sets_per_call, inputs=inputs,
+        config=args.config, tokenizer=args.tokenizer, names=args.names)
+
+    def progress(message: str) -> None:
+      stop()  # a Ctrl-C that JAX swallowed stops the run here
+      if not (args.quiet or args.json):
+        erase._stderr(message)
+
+    summary = erase.run(job, progress=progress)
+    stop()
   if args.json:
     print(json.dumps(summary, indent=2))
-  elif not args.quiet:
+  else:
     print(format_summary(summary))
   note = rounding_note(summary)
   if note and not args.quiet:
@@ -284,28 +348,39 @@ def _inspect(args) -> int:
     print(json.dumps({"metadata": meta, "tensors": {
         n: list(k.shape) for n, k in kernels.items()}}, indent=2))
     return 0
+  try:  # metadata is whatever the file says: a crafted one gets one line
+    lines = _inspect_lines(args.file, kernels, meta)
+  except (TypeError, AttributeError, ValueError) as err:
+    raise ValueError(f"edit file {args.file} has metadata of an unexpected shape "
+                     f"({err}); --json shows it as stored") from None
+  print("\n".join(lines))
+  return 0
+
+
+def _inspect_lines(file, kernels, meta) -> list[str]:
   config = meta.get("config", {})
-  print(f"edit file     {args.file}")
-  print(f"concepts      {', '.join(meta.get('concepts', []))}")
+  lines = [f"edit file     {file}",
+           f"concepts      {', '.join(meta.get('concepts', []))}"]
   guides = sorted(set(meta.get("guides", [])))
-  print(f"guides        {', '.join(repr(g) for g in guides)}")
+  lines.append(f"guides        {', '.join(repr(g) for g in guides)}")
   if meta.get("preserve"):
-    print(f"preserve      {', '.join(repr(p) if not p.strip() else p for p in meta['preserve'])}")
-  print(f"method        {config.get('method')} (preset {meta.get('preset', '?')}, "
-        f"seed {meta.get('seed', '?')})")
-  print(f"base model    {meta.get('base_fingerprint')}")
-  print(f"library       scapre-jax {meta.get('scapre_jax_version')}, dtype {meta.get('dtype')}, "
-        f"computed in {meta.get('precision', 'float32')}")
-  print(f"matrices      {len(kernels)}")
+    lines.append("preserve      " + ", ".join(
+        repr(p) if not p.strip() else p for p in meta["preserve"]))
+  lines += [f"method        {config.get('method')} (preset {meta.get('preset', '?')}, "
+            f"seed {meta.get('seed', '?')})",
+            f"base model    {meta.get('base_fingerprint')}",
+            f"library       scapre-jax {meta.get('scapre_jax_version')}, dtype {meta.get('dtype')}, "
+            f"computed in {meta.get('precision', 'float32')}",
+            f"matrices      {len(kernels)}"]
   layers = meta.get("layers", {})
   if layers:
     width = max(len(n) for n in layers)
-    print(f"\n{'layer'.ljust(width)}  weight_change  target_gap  other_shift")
+    lines.append(f"\n{'layer'.ljust(width)}  weight_change  target_gap  other_shift")
     for name, entry in layers.items():
-      print(f"{name.ljust(width)}  {entry.get('weight_change', float('nan')):13.4f}"
-            f"  {entry.get('target_gap', float('nan')):10.4f}"
-            f"  {entry.get('other_shift', float('nan')):11.5f}")
-  return 0
+      lines.append(f"{name.ljust(width)}  {float(entry.get('weight_change', 'nan')):13.4f}"
+                   f"  {float(entry.get('target_gap', 'nan')):10.4f}"
+                   f"  {float(entry.get('other_shift', 'nan')):11.5f}")
+  return lines
 
 
 def _verify(args) -> int:
@@ -321,45 +396,81 @@ def _verify(args) -> int:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  try:
-    if args.command == "tiny":
-      from scapre_jax import tiny
-      print(tiny.write_tiny_model(args.dir, seed=args.seed, variant=args.variant))
-      return 0
-    if args.command == "erase":
-      return _erase(args)
-    if args.command == "apply":
-      from scapre_jax import io, single_file
-      if single_file.is_single_file(args.model):
-        print(single_file.apply_edit(args.model, args.edit, args.out, config=args.config,
-                                     overwrite=args.overwrite))
-      elif args.config:
-        raise ValueError("--config applies to a single-file --model")
-      else:
-        print(io.apply_edit(args.model, args.edit, args.out, overwrite=args.overwrite))
-      return 0
-    if args.command == "convert":
-      from scapre_jax import single_file
-      if single_file.is_single_file(args.src):
-        print(single_file.file_to_folder(args.src, args.dst, config=args.config,
-                                         tokenizer=args.tokenizer, overwrite=args.overwrite))
-      else:
-        if args.config or args.tokenizer:
-          raise ValueError("--config and --tokenizer apply when SRC is a single file")
-        print(single_file.folder_to_file(args.src, args.dst, overwrite=args.overwrite))
-      return 0
-    if args.command == "inspect":
-      return _inspect(args)
-    if args.command == "verify":
-      return _verify(args)
-    if args.command == "generate":
-      from scapre_jax import erase, generate
-      erase.enable_compile_cache(args.compile_cache)
-      print(generate.run_cli(args))
-      return 0
-  except (ValueError, OSError) as err:  # OSError: a full disk, unreadable files
-    print(f"scapre-jax {args.command}: error: {err}", file=sys.stderr)
-    return 2
+  where = f"scapre-jax {args.command}"
+  interrupted = []
+
+  def on_sigint(signum, frame):
+    interrupted.append(signum)
+    raise KeyboardInterrupt
+
+  def stop() -> None:
+    # JAX can swallow the KeyboardInterrupt (raised inside a garbage
+    # collector callback, "Exception ignored in ..."); the flag remains.
+    if interrupted:
+      raise KeyboardInterrupt
+
+  def show_warning(message, category, filename, lineno, file=None, line=None):
+    text = str(message)
+    if text not in shown:  # the same warning from two call sites: once
+      shown.add(text)
+      print(f"{where}: warning: {text}", file=sys.stderr, flush=True)
+
+  shown: set[str] = set()
+  previous = signal.getsignal(signal.SIGINT)
+  with warnings.catch_warnings():
+    warnings.showwarning = show_warning
+    try:
+      signal.signal(signal.SIGINT, on_sigint)
+      return _command(args, stop)
+    except KeyboardInterrupt:
+      kept = (" (finished sets are kept; a rerun skips them)"
+              if args.command == "erase" and args.sets else "")
+      print(f"{where}: interrupted; nothing half-written was left{kept}",
+            file=sys.stderr, flush=True)
+      return 130
+    except (ValueError, OSError) as err:
+      print(f"{where}: error: {err}", file=sys.stderr, flush=True)
+      return 2
+    finally:
+      signal.signal(signal.SIGINT, previous)
+
+
+def _command(args, stop) -> int:
+  if args.command == "tiny":
+    from scapre_jax import tiny
+    print(tiny.write_tiny_model(args.dir, seed=args.seed, variant=args.variant))
+    return 0
+  if args.command == "erase":
+    return _erase(args, stop)
+  if args.command == "apply":
+    from scapre_jax import io, single_file
+    if single_file.is_single_file(args.model):
+      print(single_file.apply_edit(args.model, args.edit, args.out, config=args.config,
+                                   overwrite=args.overwrite))
+    elif args.config:
+      raise ValueError("--config applies to a single-file --model")
+    else:
+      print(io.apply_edit(args.model, args.edit, args.out, overwrite=args.overwrite))
+    return 0
+  if args.command == "convert":
+    from scapre_jax import single_file
+    if single_file.is_single_file(args.src):
+      print(single_file.file_to_folder(args.src, args.dst, config=args.config,
+                                       tokenizer=args.tokenizer, overwrite=args.overwrite))
+    else:
+      if args.config or args.tokenizer:
+        raise ValueError("--config and --tokenizer apply when SRC is a single file")
+      print(single_file.folder_to_file(args.src, args.dst, overwrite=args.overwrite))
+    return 0
+  if args.command == "inspect":
+    return _inspect(args)
+  if args.command == "verify":
+    return _verify(args)
+  if args.command == "generate":
+    from scapre_jax import erase, generate
+    erase.enable_compile_cache(args.compile_cache)
+    print(generate.run_cli(args))
+    return 0
   raise AssertionError(args.command)
 
 

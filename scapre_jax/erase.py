@@ -15,13 +15,14 @@ import os
 import pathlib
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from scapre_jax import io, metrics, models, sharding, text, tiny
+from scapre_jax import io, metrics, models, outputs, sharding, text, tiny
 from scapre_jax import precision as precision_lib
 from scapre_jax.config import EditConfig
 from scapre_jax.requests import ConceptSet
@@ -29,6 +30,9 @@ from scapre_jax.sets import edit_sets
 
 EDIT_FILE = "edit.safetensors"
 REPORT_FILE = "report.json"
+MODEL_DIR = "model"
+SINGLE_FILE_MODEL = "model.safetensors"  # --full from a single-file model
+ORBAX_DIR = "orbax"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +65,8 @@ class EraseJob:
     tokenizer: with a single-file `model`, a folder with the CLIP vocabulary.
     names: "diffusers" or "ldm": tensor names in the edit files. With a
       single-file `model`, `full` writes `out/model.safetensors`.
+    inputs: files the job reads besides the model (a sets file): no output
+      may write over them.
   """
 
   sets: tuple[ConceptSet, ...]
@@ -79,6 +85,7 @@ class EraseJob:
   config: str | None = None
   tokenizer: str | None = None
   names: str = "diffusers"
+  inputs: tuple[pathlib.Path, ...] = ()
 
   def __post_init__(self):
     if not self.sets:
@@ -87,11 +94,17 @@ class EraseJob:
     if len(set(names)) != len(names):
       raise ValueError(f"duplicate set names: {sorted({n for n in names if names.count(n) > 1})}")
     if (self.full or self.orbax) and not self.single:
-      raise ValueError("--full and --orbax write one model, so they need a single set")
+      raise ValueError("--full and --orbax write one model folder, so they need one "
+                       "set (--concepts), not --sets")
     if self.single and len(self.sets) != 1:
       raise ValueError("single-set output needs exactly one set")
     if self.names not in ("diffusers", "ldm"):
       raise ValueError(f"names must be 'diffusers' or 'ldm', got {self.names!r}")
+    if self.sets_per_call is not None and (
+        not isinstance(self.sets_per_call, int) or self.sets_per_call < 1):
+      raise ValueError(f"--sets-per-call must be at least 1, got {self.sets_per_call!r}")
+    if not 0 <= self.seed < 2 ** 32:
+      raise ValueError(f"--seed must be in [0, 2**32 - 1], got {self.seed!r}")
     if self.dtype not in models.DTYPES:
       raise ValueError(f"dtype must be one of {tuple(models.DTYPES)}, got {self.dtype!r}")
     if self.dtype == "float64" and self.precision == "float32":
@@ -112,11 +125,19 @@ class EraseJob:
 
   def replaces(self, concept_set: ConceptSet) -> bool:
     """Whether this set's existing outputs may be replaced: with --overwrite,
-    or (sets files) when only the edit file exists, the remains of an
-    interrupted run, since the report is always written last."""
-    edit_path, report_path = self.files(concept_set)
-    return self.overwrite or (not self.single and edit_path.exists()
-                              and not report_path.exists())
+    or in a sets run, where a set still to do has no files or files that do
+    not belong together (see `is_done`), the remains of a stopped run."""
+    return self.overwrite or not self.single
+
+  def outputs(self, concept_set: ConceptSet) -> list[pathlib.Path]:
+    """Every path a set's run writes: its files, and model/ and orbax/."""
+    paths = list(self.files(concept_set))
+    if self.full:
+      single = self.model is not None and pathlib.Path(self.model).expanduser().is_file()
+      paths.append(self.out / (SINGLE_FILE_MODEL if single else MODEL_DIR))
+    if self.orbax:
+      paths.append(self.out / ORBAX_DIR)
+    return paths
 
   def files(self, concept_set: ConceptSet) -> tuple[pathlib.Path, pathlib.Path]:
     """(edit file, report file) of a set."""
@@ -198,13 +219,42 @@ def run(job: EraseJob, *, progress: Callable[[str], None] | None = _stderr) -> d
   In a multi-process run (`jax.distributed.initialize` done by the caller)
   process i of n handles sets i, i + n, ... and writes only their files.
   """
+  with outputs.lock(job.out, name=lock_name(jax.process_index(), jax.process_count())):
+    # Only a lone process may clean: in a multi-host run the others' temp
+    # files in OUT are live.
+    removed = outputs.clean_stale(job.out) if jax.process_count() == 1 else []
+    if removed and progress:
+      progress(f"clean: removed {len(removed)} temporary file(s) a stopped run left "
+               f"in {job.out}")
+    return _run(job, progress)
+
+
+def lock_name(process: int, count: int) -> str:
+  """The lock file of process `process` of `count` in OUT: processes of one
+  multi-host run write disjoint files, so each locks its own share."""
+  return outputs.LOCK_FILE if count == 1 else f"{outputs.LOCK_FILE}.{process}-of-{count}"
+
+
+def is_done(job: EraseJob, concept_set: ConceptSet) -> bool:
+  """Whether a set's edit file and report exist and come from the same run
+  (their run ids agree): only such a set is skipped by a rerun."""
+  edit_path, report_path = job.files(concept_set)
+  if not (edit_path.is_file() and report_path.is_file()):
+    return False
+  try:
+    report_id = json.loads(report_path.read_text("utf-8")).get("run_id")
+  except (OSError, ValueError, AttributeError):
+    return False
+  return report_id == io.read_edit_metadata(edit_path).get("run_id", False)
+
+
+def _run(job: EraseJob, progress) -> dict:
   say = progress or (lambda _: None)
   started = time.perf_counter()
   mine = [s for i, s in enumerate(job.sets) if i % jax.process_count() == jax.process_index()]
   # Sets runs skip finished sets; a single erase never skips: its existing
   # outputs are refused below unless --overwrite.
-  todo = [s for s in mine
-          if job.single or job.overwrite or not all(f.exists() for f in job.files(s))]
+  todo = [s for s in mine if job.single or job.overwrite or not is_done(job, s)]
   skipped = [s.name for s in mine if s not in todo]
   if skipped:
     say(f"skip: {len(skipped)} set(s) already done (--overwrite redoes them): "
@@ -213,6 +263,11 @@ def run(job: EraseJob, *, progress: Callable[[str], None] | None = _stderr) -> d
              "process": [jax.process_index(), jax.process_count()]}
   if not todo:
     return summary
+  # Every output is checked before the model loads, and again (the inputs
+  # protected) once the model's folder is known.
+  for s in todo:
+    for f in job.outputs(s):
+      io.check_output_path(f, overwrite=job.replaces(s), protected=job.inputs)
 
   model_path = job.model if job.model is not None else ensure_tiny_model()
   t0 = time.perf_counter()
@@ -223,8 +278,9 @@ def run(job: EraseJob, *, progress: Callable[[str], None] | None = _stderr) -> d
   say(f"load: {model.path} ({model.weights_format}, {job.dtype}, edit in "
       f"{job.edit_precision}) in {time.perf_counter() - t0:.1f} s")
   for s in todo:
-    for f in job.files(s):
-      io.check_output_path(f, overwrite=job.replaces(s), protected=[model.path])
+    for f in job.outputs(s):
+      io.check_output_path(f, overwrite=job.replaces(s),
+                           protected=[model.path, *job.inputs])
   # float64: the kernels are widened once here, edited in float64, and
   # rounded back to the model's dtype only when written (_write_set).
   kernels = models.cross_attention_kernels(
@@ -233,6 +289,11 @@ def run(job: EraseJob, *, progress: Callable[[str], None] | None = _stderr) -> d
     kernels = precision_lib.cast(kernels, "float64")
   if any(job.config_for(s).targets != job.config_for(todo[0]).targets for s in todo):
     raise ValueError("all sets of one run must edit the same targets (to_k/to_v)")
+  broken = [models.torch_name(n) for n, k in kernels.items()
+            if not np.isfinite(np.asarray(jax.device_get(k))).all()]
+  if broken:
+    raise ValueError(f"the model {model.path} has non-finite (NaN or inf) weights in "
+                     f"{len(broken)} cross-attention matrices, e.g. {broken[0]}")
 
   t0 = time.perf_counter()
   other = unrelated_prompts()
@@ -250,6 +311,7 @@ def run(job: EraseJob, *, progress: Callable[[str], None] | None = _stderr) -> d
   mesh = sharding.sets_mesh() if len(jax.local_devices()) > 1 else None
   per_call = job.sets_per_call or 8 * len(jax.local_devices())
   key = jax.random.key(job.seed)
+  run_id = uuid.uuid4().hex
   by_config: dict[EditConfig, list[ConceptSet]] = {}
   for s in todo:
     by_config.setdefault(job.config_for(s), []).append(s)
@@ -267,7 +329,7 @@ def run(job: EraseJob, *, progress: Callable[[str], None] | None = _stderr) -> d
       for s, result in zip(chunk, edited):
         t0 = time.perf_counter()
         entry = _write_set(job, s, config, model, kernels, result, requests[s.name],
-                           others, cache)
+                           others, cache, run_id)
         entry["solve_s"] = solve_s / len(chunk)
         entry["write_s"] = time.perf_counter() - t0
         summary["sets"].append(entry)
@@ -297,9 +359,37 @@ def _request_prompts(s: ConceptSet, config: EditConfig) -> list[str]:
   return prompts + guides + list(s.preserve) + [""]
 
 
-def _write_set(job, s, config, model, kernels, edited, request, others, cache) -> dict:
+def check_collapse(before, after, *, low: float = 1e-3, high: float = 1e3) -> None:
+  """Refuses edited matrices that collapsed: ||W'||_F / ||W||_F outside
+  [low, high] (all-zero included). A sound erase changes a projection by a
+  fraction of its size (weight_change in the reports is O(0.1-1)); a ratio
+  of 1e-3 or 1e3 only comes from a solve that lost its terms."""
+  bad = []
+  for name, w0 in before.items():
+    w0 = np.asarray(jax.device_get(w0), np.float64)
+    w1 = np.asarray(jax.device_get(after[name]), np.float64)
+    ratio = np.linalg.norm(w1) / max(np.linalg.norm(w0), np.finfo(np.float64).tiny)
+    if not low <= ratio <= high:
+      bad.append(f"{models.torch_name(name)} (||W'||/||W|| = {ratio:.3g})")
+  if bad:
+    raise CollapsedWeightsError(
+        f"the edit collapsed {len(bad)} matrices, e.g. {bad[0]}; nothing was written. "
+        "The settings are outside the range where the solve is sound (lamb, erase_scale)")
+
+
+class CollapsedWeightsError(ValueError):
+  """The edited weights are degenerate (zero or exploded), though finite."""
+
+
+def _write_set(job, s, config, model, kernels, edited, request, others, cache,
+               run_id) -> dict:
+  """Measures one set's edit and writes its files. Everything is written
+  into a staging folder in OUT first and renamed into place only when all of
+  it is there, the report last; edit and report carry the run's id, so a set
+  whose renames a crash split is not taken as done (see `is_done`)."""
   edit_path, report_path = job.files(s)
   overwrite = job.replaces(s)
+  check_collapse(kernels, edited)
   other_seqs, other_lengths = others
   report = metrics.edit_report(kernels, edited, request.inputs, config,
                                other_seqs=other_seqs)
@@ -319,7 +409,7 @@ def _write_set(job, s, config, model, kernels, edited, request, others, cache) -
   metadata = io.edit_metadata(
       concepts=request.concepts, guides=request.guides, preserve=request.preserve,
       config=config, base_fingerprint=model.fingerprint, name=s.name,
-      prompts=request.prompts, seed=job.seed, preset=s.preset,
+      prompts=request.prompts, seed=job.seed, preset=s.preset, run_id=run_id,
       precision=job.edit_precision,
       layers={models.torch_name(n): v for n, v in layers.items()})
   # Written in the model's dtype: one rounding of the (float64) edit.
@@ -329,23 +419,15 @@ def _write_set(job, s, config, model, kernels, edited, request, others, cache) -
     from scapre_jax import single_file
     ldm_names = single_file.ldm_edit_names(model.unet_config,
                                            single_file.model_family(model).name)
-  io.write_edit_file(edit_path, edited, metadata=metadata, overwrite=overwrite,
-                     model_root=model.path, ldm_names=ldm_names)
+  single_full = job.full and model.weights_format == "single-file"
   written = {"edit": str(edit_path)}
-  if job.full and model.weights_format == "single-file":
-    from scapre_jax import single_file
-    written["model"] = str(single_file.write_edited(
-        model.path, job.out / "model.safetensors", edited, config=job.config,
-        metadata=single_file.file_metadata(metadata), overwrite=job.overwrite))
-  elif job.full:
-    written["model"] = str(io.write_model_folder(
-        model.path, job.out / "model", edited, overwrite=job.overwrite))
+  if job.full:
+    written["model"] = str(job.out / (SINGLE_FILE_MODEL if single_full else MODEL_DIR))
   if job.orbax:
-    params = models.replace_kernels(model.unet_params, edited)
-    written["orbax"] = str(io.write_orbax(job.out / "orbax", params, overwrite=job.overwrite,
-                                          model_root=model.path))
+    written["orbax"] = str(job.out / ORBAX_DIR)
   entry = {
-      "name": s.name, "preset": s.preset, "concepts": list(request.concepts),
+      "name": s.name, "preset": s.preset, "run_id": run_id,
+      "concepts": list(request.concepts),
       "prompts": request.prompts, "guides": request.guides,
       "preserve": request.preserve, "config": config.to_dict(), "seed": job.seed,
       "precision": job.edit_precision,
@@ -353,5 +435,23 @@ def _write_set(job, s, config, model, kernels, edited, request, others, cache) -
       "files": written, **selectivity, **means,
       "layers": {models.torch_name(n): e for n, e in report.items()},
   }
-  io.write_json(report_path, entry, overwrite=overwrite)
+  with outputs.staging(job.out) as stage:
+    staged = [(stage / edit_path.name, edit_path)]
+    io.write_edit_file(staged[0][0], edited, metadata=metadata, model_root=model.path,
+                       ldm_names=ldm_names)
+    if single_full:
+      from scapre_jax import single_file
+      staged.append((single_file.write_edited(
+          model.path, stage / SINGLE_FILE_MODEL, edited, config=job.config,
+          metadata=single_file.file_metadata(metadata)), job.out / SINGLE_FILE_MODEL))
+    elif job.full:
+      staged.append((io.write_model_folder(model.path, stage / MODEL_DIR, edited),
+                     job.out / MODEL_DIR))
+    if job.orbax:
+      params = models.replace_kernels(model.unet_params, edited)
+      staged.append((io.write_orbax(stage / ORBAX_DIR, params, model_root=model.path),
+                     job.out / ORBAX_DIR))
+    staged.append((io.write_json(stage / report_path.name, entry), report_path))
+    for source, target in staged:
+      outputs.place(source, target, overwrite)
   return entry

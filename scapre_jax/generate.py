@@ -14,9 +14,7 @@ import inspect
 import json
 import logging
 import math
-import os
 import pathlib
-import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +27,7 @@ from PIL import PngImagePlugin
 
 # models first: importing it installs the filter on diffusers' log handler
 # that drops the Flax deprecation lines.
-from scapre_jax import io, models, text
+from scapre_jax import io, models, outputs, text
 
 with warnings.catch_warnings():
   warnings.filterwarnings("ignore", ".*classes are deprecated", FutureWarning)
@@ -155,19 +153,9 @@ def write_png(path, image: np.ndarray, *, metadata: dict[str, str] | None = None
   info = PngImagePlugin.PngInfo()
   for key, value in (metadata or {}).items():
     info.add_text(key, value)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  os.close(fd)
-  try:
-    # format="PNG": the temp name's suffix would not tell PIL.
-    Image.fromarray(image, "RGB").save(tmp, format="PNG", pnginfo=info)
-    if os.path.lexists(path) and not overwrite:
-      raise io.OutputExistsError(f"output {path} appeared while writing; not replaced")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  # format="PNG": the temp name's suffix would not tell PIL.
+  outputs.atomic_file(path, overwrite, lambda tmp: Image.fromarray(image, "RGB").save(
+      tmp, format="PNG", pnginfo=info))
   return path
 
 

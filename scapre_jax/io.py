@@ -25,7 +25,6 @@ import os
 import pathlib
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping
 
@@ -36,9 +35,10 @@ import safetensors
 import safetensors.numpy
 
 import convert
-from scapre_jax import models
+from scapre_jax import models, outputs
 from scapre_jax.config import EditConfig
 from scapre_jax.edit import NonFiniteWeightsError
+from scapre_jax.outputs import OutputExistsError  # noqa: F401  (re-exported)
 
 # The matrices an edit file may hold: cross-attention key/value projections.
 EDIT_PATH = re.compile(r"(.+/)?attn2/(to_k|to_v)/kernel")
@@ -50,8 +50,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".msgpack", ".bin", ".ckpt", ".pt", ".pth")
 PathLike = str | os.PathLike
 
 
-class OutputExistsError(FileExistsError, ValueError):
-  """The output path exists and `overwrite=True` was not given."""
 
 
 # -- edit files ---------------------------------------------------------------
@@ -82,7 +80,7 @@ def write_edit_file(path: PathLike, kernels: Mapping[str, object], *,
   """
   from scapre_jax import __version__
   path = pathlib.Path(path)
-  _check_output(path, overwrite, protected=[model_root] if model_root else [])
+  outputs.check_output(path, overwrite, protected=[model_root] if model_root else [])
   arrays = _edit_kernels(kernels)
   _check_finite(arrays)
   meta = dict(metadata)
@@ -116,7 +114,7 @@ def write_edit_file(path: PathLike, kernels: Mapping[str, object], *,
     encoded["ldm_names"] = json.dumps({ldm_names[n]: n for n in sorted(ldm_names)
                                        if ldm_names[n] in tensors}, sort_keys=True)
     encoded[_JSON_KEYS] = json.dumps(sorted(json.loads(encoded[_JSON_KEYS]) + ["ldm_names"]))
-  _atomic_file(path, overwrite,
+  outputs.atomic_file(path, overwrite,
                lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=encoded))
   return path
 
@@ -161,6 +159,16 @@ def read_edit_file(path: PathLike) -> tuple[dict[str, np.ndarray], dict]:
   return kernels, meta
 
 
+def read_edit_metadata(path: PathLike) -> dict:
+  """The raw (str -> str) metadata of an edit file, from its header alone;
+  {} when the file cannot be read as safetensors."""
+  try:
+    with safetensors.safe_open(pathlib.Path(path), framework="np") as f:
+      return dict(f.metadata() or {})
+  except (safetensors.SafetensorError, OSError, ValueError):
+    return {}
+
+
 # -- diffusers folders ----------------------------------------------------------
 
 
@@ -179,7 +187,7 @@ def write_model_folder(src_root: PathLike, out_root: PathLike,
   """
   src = models.resolve(src_root)
   out = pathlib.Path(out_root)
-  _check_output(out, overwrite, protected=[src])
+  outputs.check_output(out, overwrite, protected=[src])
   arrays = _edit_kernels(unet_kernels)
   _check_finite(arrays)
   unet = src / "unet"
@@ -210,7 +218,7 @@ def write_model_folder(src_root: PathLike, out_root: PathLike,
     for name, (tensors, meta) in written.items():
       safetensors.numpy.save_file(tensors, tmp / "unet" / name, metadata=meta)
 
-  _atomic_dir(out, overwrite, build)
+  outputs.atomic_dir(out, overwrite, build)
   return out
 
 
@@ -290,7 +298,7 @@ def apply_edit(model_root: PathLike, edit_file: PathLike, out_root: PathLike, *,
     return single_file.apply_edit(model_root, edit_file, out_root, overwrite=overwrite)
   src = models.resolve(model_root)
   out = pathlib.Path(out_root)
-  _check_output(out, overwrite, protected=[src, edit_file])
+  outputs.check_output(out, overwrite, protected=[src, edit_file])
   kernels, meta = read_edit_file(edit_file)
   expected = meta.get("base_fingerprint")
   if not expected:
@@ -313,7 +321,7 @@ def write_orbax(path: PathLike, unet_params, *, overwrite: bool = False,
   for it to finish; refuses non-finite params."""
   import orbax.checkpoint as ocp
   path = pathlib.Path(path).absolute()
-  _check_output(path, overwrite, protected=[model_root] if model_root else [])
+  outputs.check_output(path, overwrite, protected=[model_root] if model_root else [])
   flat = convert.flatten(unet_params)
   _check_finite({p: a for p, a in flat.items() if _is_float(a)})
 
@@ -326,7 +334,7 @@ def write_orbax(path: PathLike, unet_params, *, overwrite: bool = False,
       os.replace(item, tmp / item.name)
     (tmp / "params").rmdir()
 
-  _atomic_dir(path, overwrite, build)
+  outputs.atomic_dir(path, overwrite, build)
   return path
 
 
@@ -381,89 +389,24 @@ def check_output_path(out, *, overwrite: bool = False, protected=()) -> None:
   """Refuses an output that is, lies inside or contains a protected path
   (ValueError), and an existing output without `overwrite` (OutputExistsError).
   Callers check every output of a job before the work starts."""
-  _check_output(pathlib.Path(out), overwrite, protected)
+  outputs.check_output(pathlib.Path(out), overwrite, protected)
 
 
 def write_json(path, obj, *, overwrite: bool = False) -> pathlib.Path:
   """Writes `obj` as indented JSON, atomically (temp file + rename)."""
   path = pathlib.Path(path)
-  _check_output(path, overwrite, ())
-  data = json.dumps(obj, indent=2, sort_keys=False) + "\n"
-  _atomic_file(path, overwrite, lambda tmp: pathlib.Path(tmp).write_text(data, "utf-8"))
+  outputs.check_output(path, overwrite, ())
+  try:  # allow_nan=False: Infinity and NaN are not JSON
+    data = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
+  except ValueError as err:
+    raise ValueError(f"cannot write {path}: {err}") from None
+  outputs.atomic_file(path, overwrite, lambda tmp: pathlib.Path(tmp).write_text(data, "utf-8"))
   return path
 
 
-def _check_output(out: pathlib.Path, overwrite: bool, protected) -> None:
-  """Refuses an output that is, lies inside or contains a protected path, and
-  an existing output without `overwrite`."""
-  target = out.resolve()
-  for source in protected:
-    source = pathlib.Path(source).resolve()
-    if target == source or source in target.parents or target in source.parents:
-      raise ValueError(f"output {out} would overwrite the input {source}: "
-                       "it must not be it, lie inside it or contain it")
-  if os.path.lexists(out) and not overwrite:
-    raise OutputExistsError(f"output {out} exists; pass overwrite=True to replace it")
-
-
-def _atomic_file(path: pathlib.Path, overwrite: bool, write) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  os.close(fd)
-  try:
-    write(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp files are private; outputs are not
-    if not overwrite and os.path.lexists(path):
-      raise OutputExistsError(f"output {path} appeared while writing; not replaced")
-    if path.is_dir():
-      raise ValueError(f"output {path} is a directory, not a file")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def _umask() -> int:
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
-
-
-def _atomic_dir(path: pathlib.Path, overwrite: bool, build) -> None:
-  """Builds a folder with `build(tmp)` next to `path`, then renames it into
-  place. An existing `path` (overwrite=True) is moved aside first and removed
-  only once the new folder is in place."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-  try:
-    build(tmp)
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp folders are private
-    if not os.path.lexists(path):
-      os.replace(tmp, path)
-      return
-    if not overwrite:
-      raise OutputExistsError(f"output {path} appeared while writing; not replaced")
-    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-    os.rmdir(old)
-    os.replace(path, old)
-    try:
-      os.replace(tmp, path)
-    except BaseException:
-      os.replace(old, path)
-      raise
-    if old.is_dir() and not old.is_symlink():
-      shutil.rmtree(old)
-    else:
-      old.unlink()
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
 # The same rules for scapre_jax.single_file's writers (one copy of each).
-atomic_file = _atomic_file
-atomic_dir = _atomic_dir
+atomic_file = outputs.atomic_file
+atomic_dir = outputs.atomic_dir
 check_finite = _check_finite
 edit_kernels = _edit_kernels
 replacement = _replacement

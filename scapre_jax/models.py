@@ -32,7 +32,7 @@ import transformers  # configures the library loggers filtered below
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 import convert
-from scapre_jax import precision
+from scapre_jax import precision, requests
 
 
 class _DropDeprecation(logging.Filter):
@@ -218,7 +218,7 @@ def resolve(path_or_id: str | os.PathLike) -> pathlib.Path:
   path = pathlib.Path(path_or_id).expanduser()
   if not path.exists():
     text = str(path_or_id)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+    if requests.looks_like_hub_id(text):
       path = _cached_snapshot(text)
     else:
       raise FileNotFoundError(f"model folder {text} does not exist")
@@ -242,11 +242,14 @@ def _cached_snapshot(repo_id: str) -> pathlib.Path:
     # HF_HUB_OFFLINE says.
     return pathlib.Path(huggingface_hub.snapshot_download(
         repo_id, cache_dir=cache, local_files_only=True))
-  except (LocalEntryNotFoundError, FileNotFoundError) as err:
+  except (LocalEntryNotFoundError, FileNotFoundError):
     where = cache or huggingface_hub.constants.HF_HUB_CACHE
+    # Not huggingface_hub's own text: it suggests local_files_only=False,
+    # which no option of ours sets.
     raise FileNotFoundError(
-        f"{repo_id!r} is neither a local folder nor in the Hugging Face cache "
-        f"{where} (downloads are off; fetch it first): {err}") from None
+        f"model {repo_id!r} is neither a local folder nor in the Hugging Face cache "
+        f"{where}; scapre-jax never downloads: fetch it first "
+        f"(hf download {repo_id}) or give the folder's path") from None
 
 
 def _read_config(root: pathlib.Path, spec: _Part) -> dict[str, Any]:

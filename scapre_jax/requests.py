@@ -8,10 +8,12 @@ errors name the sets-file line.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import pathlib
 import re
+import warnings
 from importlib import resources
 
 from scapre_jax.config import PRESETS
@@ -59,14 +61,62 @@ class ConceptSet:
 
 
 def parse_concepts(value) -> tuple[str, ...]:
-  """Concepts from a comma-separated string, a list, or a built-in list name."""
+  """Concepts from a comma-separated string, a list, or a built-in list name.
+
+  A concept that looks like a built-in list name but is not one
+  ("imagenette10") is refused with the name it resembles, rather than erased
+  as a word; a concept given twice is erased once, with a warning.
+  """
   if isinstance(value, str):
     if value.strip() in builtin_lists():
       return builtin_lists()[value.strip()]
     value = value.split(",")
   if not isinstance(value, (list, tuple)) or not all(isinstance(c, str) for c in value):
     raise ValueError(f"concepts must be a string or a list of strings, got {value!r}")
-  return tuple(c.strip() for c in value if c.strip())
+  concepts = [c.strip() for c in value if c.strip()]
+  for concept in concepts:
+    _refuse_list_lookalike(concept)
+  unique = tuple(dict.fromkeys(concepts))
+  if len(unique) < len(concepts):
+    twice = sorted({c for c in concepts if concepts.count(c) > 1})
+    warnings.warn(f"concept(s) {', '.join(map(repr, twice))} given more than once; "
+                  "each is erased once", UserWarning, stacklevel=2)
+  return unique
+
+
+def _squash(text: str) -> str:
+  return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def _refuse_list_lookalike(concept: str) -> None:
+  names = tuple(builtin_lists())
+  if concept in names:  # a list name inside a comma-separated list
+    raise ValueError(f"{concept!r} is a built-in list: give it alone, not in a "
+                     "comma-separated list")
+  close = [n for n in names if _squash(n) == _squash(concept)]
+  close += difflib.get_close_matches(concept.lower(), names, n=1, cutoff=0.85)
+  if close:
+    raise ValueError(f"{concept!r} is not a built-in list; did you mean {close[0]}? "
+                     f"(built-in lists: {', '.join(names)})")
+
+
+def looks_like_hub_id(text: str) -> bool:
+  """Whether a model argument that is no existing path can be a Hugging Face
+  id ("owner/name"): not when it starts like a path ("./", "../", "~") or its
+  first part is a local folder ("models/sd15" where ./models exists)."""
+  if not re.fullmatch(r"[\w.-]+/[\w.-]+", text) or text.startswith("."):
+    return False
+  return not pathlib.Path(text.split("/", 1)[0]).is_dir()
+
+
+def check_model_argument(value: str | None) -> None:
+  """Refuses, before any work, a --model that is neither an existing path nor
+  shaped like a Hugging Face id (whether a cached id exists is checked when
+  the model loads)."""
+  if value is None or pathlib.Path(value).expanduser().exists():
+    return
+  if not looks_like_hub_id(value):
+    raise ValueError(f"--model {value}: no such model folder")
 
 
 def _optional_strings(value, field):

@@ -26,7 +26,7 @@ import numpy as np
 import safetensors.numpy
 
 import convert
-from scapre_jax import models
+from scapre_jax import models, outputs
 
 _DATA = pathlib.Path(__file__).parent / "data"
 # Written into the configs as-is, so the files do not depend on what is
@@ -181,7 +181,7 @@ def write_tiny_model(directory: str | os.PathLike, *, seed: int = 0,
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
   try:
     _write(tmp, spec, seed)
-    tmp.chmod(0o755)  # mkdtemp makes it private
+    outputs.normal_modes(tmp)  # mkdtemp and safetensors make private files
     os.replace(tmp, target)  # replaces an empty directory too
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

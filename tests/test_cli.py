@@ -1,12 +1,16 @@
 """The command line on the tiny model: erase, sets files, reruns, inspect,
 multi-process runs, and bad input."""
 
+import errno
 import json
 import os
 import pathlib
+import re
+import signal
 import socket
 import subprocess
 import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -133,10 +137,11 @@ def test_sets_file_equals_single_runs_and_reruns_skip(tiny_dir, sets_file, tmp_p
                                                 key=jax.random.key(0)))
     assert_same_edit(got, batched)
   # A rerun skips every finished set; --overwrite redoes them.
-  stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+  stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("[!.]*")}
+  capsys.readouterr()
   assert run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", out, "--json") == 0
   assert json.loads(capsys.readouterr().out)["skipped"] == ["a", "b", "c"]
-  assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+  assert {p.name: p.stat().st_mtime_ns for p in out.glob("[!.]*")} == stamps
   # The report is written last: a set without it is redone, its stale edit
   # file replaced.
   (out / "b.json").unlink()
@@ -157,12 +162,14 @@ def test_interrupted_run_leaves_no_partial_files(tiny_dir, sets_file, tmp_path, 
     return real(path, *args, **kwargs)
 
   monkeypatch.setattr(io, "write_edit_file", write_then_die)
-  with pytest.raises(KeyboardInterrupt):
-    run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", out, "--quiet")
-  assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.safetensors"]
+  assert run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", out, "--quiet") == 130
+  # Set b's staged edit was removed with its staging folder; only the lock
+  # file (hidden, kept for the next run) is left beside set a.
+  assert sorted(p.name for p in out.iterdir()) == [
+      ".scapre-jax.lock", "a.json", "a.safetensors"]
   monkeypatch.setattr(io, "write_edit_file", real)
   assert run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", out, "--quiet") == 0
-  assert sorted(p.name for p in out.iterdir()) == [
+  assert sorted(p.name for p in out.iterdir()) == [".scapre-jax.lock",
       "a.json", "a.safetensors", "b.json", "b.safetensors", "c.json", "c.safetensors"]
 
 
@@ -305,10 +312,205 @@ def test_two_processes_split_a_sets_file(tiny_dir, sets_file, tmp_path):
   for p in procs:
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
-  assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+  assert sorted(p.name for p in two.glob("[!.]*")) == sorted(p.name for p in one.glob("[!.]*"))
+  # Each process locked its own share of OUT.
+  assert sorted(p.name for p in two.glob(".*")) == [
+      ".scapre-jax.lock.0-of-2", ".scapre-jax.lock.1-of-2"]
   # The persistent compilation cache was filled (JAX writes from process 0 only).
   assert len(list((tmp_path / "xla0").iterdir())) > 5
   for name in ("a", "b", "c"):
     got, _ = io.read_edit_file(two / f"{name}.safetensors")
     want, _ = io.read_edit_file(one / f"{name}.safetensors")
     assert_same_edit(got, want)
+
+
+def test_argument_errors_come_first_in_cli_words(tmp_path, sets_file):
+  """Bad arguments: one line, exit 2, in CLI words, before the model code
+  (diffusers, scapre_jax.models) is even imported. One subprocess, so
+  sys.modules shows what a fresh run imported."""
+  (tmp_path / "done").mkdir()
+  (tmp_path / "done" / "edit.safetensors").write_text("x")
+  (tmp_path / "afile").write_text("x")
+  inside = tmp_path / "in"
+  inside.mkdir()
+  (inside / "a.json").write_text('{"name": "a", "concepts": ["x"]}\n')
+  cases = [
+      (["--concepts", "imagenette10"], "did you mean imagenette-10\\?"),
+      (["--concepts", "parachute, art-50"], "'art-50' is a built-in list: give it alone"),
+      (["--sets", str(sets_file), "--full"],
+       "--full writes one model folder, so it needs one set \\(--concepts\\), not --sets"),
+      (["--concepts", "a", "--set", "lamb=1e20"], "lamb must be at most 10000"),
+      (["--concepts", "a", "--set", "erase_scale=1e3"], "erase_scale must be at most 100"),
+      (["--concepts", "a", "--set", "bures_iters=2000"], "bures_iters must be an int in"),
+      (["--concepts", "a", "--set", "noise_sigma=inf"], "noise_sigma must be finite"),
+      (["--concepts", "a", "--set", "p=inf"], "p must be finite"),
+      (["--concepts", "a", "--sets-per-call", "-1"], "--sets-per-call: must be at least 1"),
+      (["--concepts", "a", "--seed", str(2 ** 64)], "--seed: must be in \\[0, 2\\*\\*32 - 1\\]"),
+      (["--concepts", "a", "--model", "./models/sd15"], "--model ./models/sd15: no such model"),
+      (["--concepts", "a", "--out", tmp_path / "done"], "exists; pass --overwrite"),
+      (["--concepts", "a", "--out", tmp_path / "afile" / "o"], "afile is a file, not a folder"),
+      (["--sets", inside / "a.json", "--out", inside], "would overwrite the input"),
+  ]
+  script = textwrap.dedent("""
+      import contextlib, io, json, sys
+      from scapre_jax import cli
+      results = []
+      for argv in json.loads(sys.argv[1]):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+          try:
+            rc = cli.main(argv)
+          except SystemExit as exit:
+            rc = exit.code
+        results.append([rc, err.getvalue()])
+      heavy = [m for m in ("diffusers", "transformers", "scapre_jax.models") if m in sys.modules]
+      print(json.dumps({"results": results, "heavy": heavy}))
+      """)
+  argvs = [["erase", "--out", str(tmp_path / "o"), *map(str, args)]
+           if "--out" not in args else ["erase", *map(str, args)] for args, _ in cases]
+  done = subprocess.run([sys.executable, "-c", script, json.dumps(argvs)],
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  got = json.loads(done.stdout)
+  assert got["heavy"] == []
+  for (args, message), (rc, err) in zip(cases, got["results"]):
+    assert rc == 2, (args, err)
+    assert re.search(message, err), (args, err)
+    assert "Traceback" not in err and "overwrite=True" not in err.replace("(overwrite=True)", "")
+  assert not (tmp_path / "o").exists()
+  assert (inside / "a.json").read_text() == '{"name": "a", "concepts": ["x"]}\n'
+
+
+def test_quiet_summary_warnings_once_and_stale_files(tiny_dir, tmp_path, capsys):
+  out = tmp_path / "o"
+  out.mkdir()
+  (out / ".edit.safetensors.x1.tmp").write_text("left by a killed run")
+  (out / ".model.x2.tmp").mkdir()
+  long = " ".join(["parachute"] * 80)
+  assert run("erase", "--model", tiny_dir, "--concepts", f"tench, tench, {long}",
+             "--out", out, "--quiet", "--preset", "uce") == 0
+  shown = capsys.readouterr()
+  assert "erased_moved" in shown.out and "ratio:" in shown.out  # --quiet keeps the table
+  assert shown.err.count("given more than once") == 1
+  assert shown.err.count("were truncated") == 1
+  assert sorted(p.name for p in out.iterdir()) == [
+      ".scapre-jax.lock", "edit.safetensors", "report.json"]
+  _, meta = io.read_edit_file(out / "edit.safetensors")
+  assert meta["concepts"][0] == "tench" and meta["concepts"].count("tench") == 1
+
+
+def test_output_conflicts_are_refused_before_any_work(tiny_dir, tmp_path, capsys):
+  out = tmp_path / "o"
+  (out / "model").mkdir(parents=True)
+  assert run("erase", "--model", tiny_dir, "--concepts", "tench", "--out", out, "--full") == 2
+  assert "model exists; pass --overwrite" in capsys.readouterr().err
+  # OUT/model a link to the input model: refused even with --overwrite.
+  (out / "model").rmdir()
+  (out / "model").symlink_to(tiny_dir)
+  assert run("erase", "--model", tiny_dir, "--concepts", "tench", "--out", out, "--full",
+             "--overwrite") == 2
+  assert "would overwrite the input" in capsys.readouterr().err
+  assert sorted(p.name for p in out.iterdir()) == ["model"]
+
+
+def test_full_disk_leaves_no_half_run(tiny_dir, tmp_path, capsys, monkeypatch):
+  """--full on a disk that fills while the model folder is copied: one line,
+  and neither the edit nor the report nor model/ is left (the rerun needs
+  no --overwrite)."""
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(io.shutil, "copytree", full_disk)
+  out = tmp_path / "o"
+  assert run("erase", "--model", tiny_dir, "--concepts", "tench", "--out", out, "--full",
+             "--quiet", "--preset", "uce") == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "no space left on the device" in err[0], err
+  assert sorted(p.name for p in out.iterdir()) == [".scapre-jax.lock"]
+
+
+def test_lamb_collapse_is_refused_before_writing(tiny_dir, tmp_path, capsys, monkeypatch):
+  """A solve that returns zeros (what lamb=1e20 did) is refused, nothing
+  written; in range, the bounds keep lamb from getting there."""
+  real = erase.edit_sets
+  monkeypatch.setattr(erase, "edit_sets", lambda kernels, *a, **k: [
+      {n: np.zeros_like(w) for n, w in r.items()} for r in real(kernels, *a, **k)])
+  out = tmp_path / "o"
+  assert run("erase", "--model", tiny_dir, "--concepts", "tench", "--out", out,
+             "--preset", "uce") == 2
+  assert "the edit collapsed" in capsys.readouterr().err
+  assert sorted(p.name for p in out.iterdir()) == [".scapre-jax.lock"]
+
+
+def test_interrupted_overwrite_is_redone(tiny_dir, sets_file, tmp_path, monkeypatch,
+                                         capsys):
+  """An --overwrite sets run stopped between a set's edit and its report
+  leaves files of two runs; the rerun sees their run ids differ and redoes
+  that set instead of skipping it."""
+  out = tmp_path / "o"
+  assert run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", out, "--quiet") == 0
+  real = erase.outputs.place
+
+  def stop_before_report(source, target, overwrite):
+    if target.name == "b.json":
+      raise KeyboardInterrupt
+    return real(source, target, overwrite)
+
+  monkeypatch.setattr(erase.outputs, "place", stop_before_report)
+  assert run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", out, "--quiet",
+             "--overwrite") == 130
+  monkeypatch.setattr(erase.outputs, "place", real)
+  _, meta = io.read_edit_file(out / "b.safetensors")
+  assert meta["run_id"] != json.loads((out / "b.json").read_text())["run_id"]
+  capsys.readouterr()
+  assert run("erase", "--model", tiny_dir, "--sets", sets_file, "--out", out, "--json") == 0
+  summary = json.loads(capsys.readouterr().out)
+  assert [s["name"] for s in summary["sets"]] == ["b"] and summary["skipped"] == ["a", "c"]
+  _, meta = io.read_edit_file(out / "b.safetensors")
+  assert meta["run_id"] == json.loads((out / "b.json").read_text())["run_id"]
+
+
+def test_sigint_stops_with_one_line(tiny_dir, tmp_path):
+  """Ctrl-C during a sets run: exit 130, one line, no traceback; the set
+  written before it is kept and counts as done."""
+  sets = tmp_path / "sets.jsonl"
+  sets.write_text("\n".join(json.dumps(x) for x in [
+      {"name": "a", "concepts": ["tench"], "preset": "uce"},
+      {"name": "b", "concepts": ["church"], "preset": "scapre-small"},
+      {"name": "c", "concepts": ["golf ball"], "preset": "scapre"}]) + "\n")
+  out = tmp_path / "o"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "scapre_jax.cli", "erase", "--model", str(tiny_dir),
+       "--sets", str(sets), "--out", str(out)],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  lines = []
+  for line in proc.stderr:
+    lines.append(line)
+    if line.startswith("write:"):
+      # Set b's preset compiles a new program (seconds): the signal lands
+      # before b is written.
+      proc.send_signal(signal.SIGINT)
+      break
+  rest = proc.stderr.read()
+  assert proc.wait(timeout=300) == 130, "".join(lines) + rest
+  assert "Traceback" not in rest
+  assert rest.strip().splitlines() == [
+      "scapre-jax erase: interrupted; nothing half-written was left "
+      "(finished sets are kept; a rerun skips them)"]
+  assert sorted(p.name for p in out.iterdir()) == [".scapre-jax.lock", "a.json",
+                                                     "a.safetensors"]
+
+
+def test_tiny_variants_listed_in_the_parser():
+  from scapre_jax import tiny
+  assert cli.TINY_VARIANTS == tuple(tiny.TINY_CONFIGS)
+
+
+def test_inspect_crafted_metadata_is_one_line(tmp_path, capsys):
+  path = tmp_path / "edit.safetensors"
+  io.write_edit_file(path, {"mid_block/attentions_0/transformer_blocks_0/attn2/to_k/kernel":
+                            np.ones((4, 2), np.float32)},
+                     metadata={"base_fingerprint": "x", "concepts": 5, "layers": {"a": 3}})
+  assert run("inspect", path) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "metadata of an unexpected shape" in err[0]
