@@ -81,8 +81,8 @@ def write_edit_file(path: PathLike, kernels: Mapping[str, object], *,
   from scapre_jax import __version__
   path = pathlib.Path(path)
   outputs.check_output(path, overwrite, protected=[model_root] if model_root else [])
-  arrays = _edit_kernels(kernels)
-  _check_finite(arrays)
+  arrays = edit_kernels(kernels)
+  check_finite(arrays)
   meta = dict(metadata)
   if "base_fingerprint" not in meta:
     raise ValueError("metadata needs 'base_fingerprint' (the base model's "
@@ -147,7 +147,7 @@ def read_edit_file(path: PathLike) -> tuple[dict[str, np.ndarray], dict]:
                        "cross-attention to_k/to_v weight (d_out, d_in)")
     kernels[flax] = np.ascontiguousarray(array.T)
   try:
-    _check_finite(kernels)
+    check_finite(kernels)
   except NonFiniteWeightsError as err:
     raise ValueError(f"edit file {path}: {err}") from None
   meta = dict(raw)
@@ -188,8 +188,8 @@ def write_model_folder(src_root: PathLike, out_root: PathLike,
   src = models.resolve(src_root)
   out = pathlib.Path(out_root)
   outputs.check_output(out, overwrite, protected=[src])
-  arrays = _edit_kernels(unet_kernels)
-  _check_finite(arrays)
+  arrays = edit_kernels(unet_kernels)
+  check_finite(arrays)
   unet = src / "unet"
   fmt, files = models.weight_files(src, "unet")
   if fmt == "flax":
@@ -251,7 +251,7 @@ def _from_safetensors(files, arrays):
     except (safetensors.SafetensorError, OSError) as err:
       raise ValueError(f"cannot read {file} (corrupt or truncated safetensors?): {err}") from None
     for name in hits:
-      tensors[name] = _replacement(name, tensors[name], pending.pop(name))
+      tensors[name] = replacement(name, tensors[name], pending.pop(name))
     written[file.name] = (tensors, meta)
   if pending:
     raise ValueError(f"the UNet in {files[0].parent} has no tensors {sorted(pending)}")
@@ -269,12 +269,12 @@ def _from_msgpack(src, file, arrays):
   if unknown:
     raise ValueError(f"the UNet in {file.parent} has no params {unknown}")
   for path, kernel in arrays.items():
-    flat[path] = _replacement(path, np.asarray(flat[path]), kernel)
+    flat[path] = replacement(path, np.asarray(flat[path]), kernel)
   state = convert.UNET.to_torch(convert.unflatten(flat), expected)
   return state, {"format": "pt"}
 
 
-def _replacement(name: str, original: np.ndarray, new: np.ndarray) -> np.ndarray:
+def replacement(name: str, original: np.ndarray, new: np.ndarray) -> np.ndarray:
   if new.shape != original.shape:
     raise ValueError(f"{name}: edited shape {new.shape} does not match the "
                      f"model's {original.shape}")
@@ -323,7 +323,7 @@ def write_orbax(path: PathLike, unet_params, *, overwrite: bool = False,
   path = pathlib.Path(path).absolute()
   outputs.check_output(path, overwrite, protected=[model_root] if model_root else [])
   flat = convert.flatten(unet_params)
-  _check_finite({p: a for p, a in flat.items() if _is_float(a)})
+  check_finite({p: a for p, a in flat.items() if _is_float(a)})
 
   def build(tmp: pathlib.Path) -> None:
     with ocp.StandardCheckpointer() as checkpointer:
@@ -359,7 +359,7 @@ def _is_float(a) -> bool:
   return jnp.issubdtype(getattr(a, "dtype", np.asarray(a).dtype), jnp.floating)
 
 
-def _edit_kernels(kernels: Mapping[str, object]) -> dict[str, np.ndarray]:
+def edit_kernels(kernels: Mapping[str, object]) -> dict[str, np.ndarray]:
   """Validated {flax path: numpy kernel (d_in, d_out)}."""
   if not kernels:
     raise ValueError("no kernels given")
@@ -376,7 +376,7 @@ def _edit_kernels(kernels: Mapping[str, object]) -> dict[str, np.ndarray]:
   return arrays
 
 
-def _check_finite(arrays: Mapping[str, object]) -> None:
+def check_finite(arrays: Mapping[str, object]) -> None:
   bad = [p for p, a in arrays.items()
          if not np.isfinite(np.asarray(jax.device_get(a))).all()]
   if bad:
@@ -403,10 +403,3 @@ def write_json(path, obj, *, overwrite: bool = False) -> pathlib.Path:
   outputs.atomic_file(path, overwrite, lambda tmp: pathlib.Path(tmp).write_text(data, "utf-8"))
   return path
 
-
-# The same rules for scapre_jax.single_file's writers (one copy of each).
-atomic_file = outputs.atomic_file
-atomic_dir = outputs.atomic_dir
-check_finite = _check_finite
-edit_kernels = _edit_kernels
-replacement = _replacement

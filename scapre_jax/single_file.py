@@ -30,7 +30,7 @@ import safetensors.numpy
 
 import convert
 from convert import ldm
-from scapre_jax import models
+from scapre_jax import models, outputs
 
 SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -396,7 +396,7 @@ def folder_to_file(src, out, *, overwrite: bool = False) -> pathlib.Path:
   io.check_finite(tensors)
   meta = {"format": "pt", "scapre_jax.family": family.name,
           "scapre_jax.source": root.name, "scapre_jax_version": __version__}
-  io.atomic_file(out, overwrite, lambda tmp: safetensors.numpy.save_file(
+  outputs.atomic_file(out, overwrite, lambda tmp: safetensors.numpy.save_file(
       tensors, tmp, metadata=meta))
   return out
 
@@ -439,7 +439,7 @@ def file_to_folder(src, out, *, config=None, tokenizer=None,
     _json(tmp / "scheduler" / "scheduler_config.json", family.scheduler)
     tok.save_pretrained(tmp / "tokenizer")
 
-  io.atomic_dir(out, overwrite, build)
+  outputs.atomic_dir(out, overwrite, build)
   return out
 
 
@@ -522,7 +522,7 @@ def write_edited(src, out, kernels: Mapping[str, Any], *, metadata: Mapping[str,
       target.flush()
       os.fsync(target.fileno())
 
-  io.atomic_file(out, overwrite, write)
+  outputs.atomic_file(out, overwrite, write)
   return out
 
 
