@@ -22,14 +22,12 @@ from typing import Any
 
 import diffusers  # configures the library loggers filtered below
 import flax.serialization
-import huggingface_hub
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
 import transformers  # configures the library loggers filtered below
-from huggingface_hub.errors import LocalEntryNotFoundError
 
 import convert
 from scapre_jax import precision, requests
@@ -219,7 +217,7 @@ def resolve(path_or_id: str | os.PathLike) -> pathlib.Path:
   if not path.exists():
     text = str(path_or_id)
     if requests.looks_like_hub_id(text):
-      path = _cached_snapshot(text)
+      path = requests.cached_snapshot(text)
     else:
       raise FileNotFoundError(f"model folder {text} does not exist")
   if not path.is_dir():
@@ -230,26 +228,6 @@ def resolve(path_or_id: str | os.PathLike) -> pathlib.Path:
     raise ValueError(f"{path} is not a diffusers Stable Diffusion folder: "
                      f"missing {', '.join(missing)}")
   return path
-
-
-def _cached_snapshot(repo_id: str) -> pathlib.Path:
-  # huggingface_hub reads these variables once at import; read them per call.
-  cache = (os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-           or (os.path.join(os.environ["HF_HOME"], "hub") if "HF_HOME" in os.environ
-               else None))
-  try:
-    # local_files_only: resolution never touches the network, whatever
-    # HF_HUB_OFFLINE says.
-    return pathlib.Path(huggingface_hub.snapshot_download(
-        repo_id, cache_dir=cache, local_files_only=True))
-  except (LocalEntryNotFoundError, FileNotFoundError):
-    where = cache or huggingface_hub.constants.HF_HUB_CACHE
-    # Not huggingface_hub's own text: it suggests local_files_only=False,
-    # which no option of ours sets.
-    raise FileNotFoundError(
-        f"model {repo_id!r} is neither a local folder nor in the Hugging Face cache "
-        f"{where}; scapre-jax never downloads: fetch it first "
-        f"(hf download {repo_id}) or give the folder's path") from None
 
 
 def _read_config(root: pathlib.Path, spec: _Part) -> dict[str, Any]:

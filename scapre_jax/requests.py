@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import os
 import pathlib
 import re
 import warnings
@@ -117,6 +118,36 @@ def check_model_argument(value: str | None) -> None:
     return
   if not looks_like_hub_id(value):
     raise ValueError(f"--model {value}: no such model folder")
+  try:
+    cached_snapshot(value)
+  except FileNotFoundError as e:
+    raise ValueError(str(e).replace(f"model {value!r}", f"--model {value}", 1)) from None
+
+
+def cached_snapshot(repo_id: str) -> pathlib.Path:
+  """The local snapshot folder of a Hugging Face id, never downloading.
+
+  Raises FileNotFoundError, in our words, when the id is not in the cache
+  (huggingface_hub's own text suggests `local_files_only=False`, which no
+  option of ours sets). Light enough to run before the heavy imports.
+  """
+  import huggingface_hub  # pylint: disable=import-outside-toplevel
+  from huggingface_hub.errors import LocalEntryNotFoundError  # pylint: disable=import-outside-toplevel
+  # huggingface_hub reads these variables once at import; read them per call.
+  cache = (os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+           or (os.path.join(os.environ["HF_HOME"], "hub") if "HF_HOME" in os.environ
+               else None))
+  try:
+    # local_files_only: resolution never touches the network, whatever
+    # HF_HUB_OFFLINE says.
+    return pathlib.Path(huggingface_hub.snapshot_download(
+        repo_id, cache_dir=cache, local_files_only=True))
+  except (LocalEntryNotFoundError, FileNotFoundError):
+    where = cache or huggingface_hub.constants.HF_HUB_CACHE
+    raise FileNotFoundError(
+        f"model {repo_id!r} is neither a local folder nor in the Hugging Face cache "
+        f"{where}; scapre-jax never downloads: fetch it first "
+        f"(hf download {repo_id}) or give the folder's path") from None
 
 
 def _optional_strings(value, field):

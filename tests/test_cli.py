@@ -347,6 +347,10 @@ def test_argument_errors_come_first_in_cli_words(tmp_path, sets_file):
       (["--concepts", "a", "--sets-per-call", "-1"], "--sets-per-call: must be at least 1"),
       (["--concepts", "a", "--seed", str(2 ** 64)], "--seed: must be in \\[0, 2\\*\\*32 - 1\\]"),
       (["--concepts", "a", "--model", "./models/sd15"], "--model ./models/sd15: no such model"),
+      # Shaped like a Hugging Face id (no ./models here) but not in the cache:
+      # refused from the cache lookup, still before the model code loads.
+      (["--concepts", "a", "--model", "models/sd15"],
+       "--model models/sd15 is neither a local folder nor in the Hugging Face cache"),
       (["--concepts", "a", "--out", tmp_path / "done"], "exists; pass --overwrite"),
       (["--concepts", "a", "--out", tmp_path / "afile" / "o"], "afile is a file, not a folder"),
       (["--sets", inside / "a.json", "--out", inside], "would overwrite the input"),
@@ -368,8 +372,9 @@ def test_argument_errors_come_first_in_cli_words(tmp_path, sets_file):
       """)
   argvs = [["erase", "--out", str(tmp_path / "o"), *map(str, args)]
            if "--out" not in args else ["erase", *map(str, args)] for args, _ in cases]
+  env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf-cache")}
   done = subprocess.run([sys.executable, "-c", script, json.dumps(argvs)],
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
   assert done.returncode == 0, done.stderr
   got = json.loads(done.stdout)
   assert got["heavy"] == []
