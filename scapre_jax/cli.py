@@ -247,7 +247,8 @@ def _erase(args, stop) -> int:
     sets = (requests.ConceptSet(
         name="edit", concepts=requests.parse_concepts(args.concepts),
         guides=_split(args.guides), preserve=_split(args.preserve) or (),
-        preset=args.preset, templates=_templates(args.templates)),)
+        preset=args.preset, templates=_templates(args.templates),
+        others=requests.list_others(args.concepts)),)
     single = True
     inputs = ()
     local_model = ([args.model] if args.model and pathlib.Path(args.model).exists()
@@ -334,6 +335,8 @@ def format_summary(summary: dict) -> str:
         "  projections, ||c (W'-W)|| / ||c W||, mean over prompts and matrices (0 = untouched)",
         f"others_moved: the same for the words of {summary.get('others', 'the')} unrelated "
         "captions no set names",
+        *[f"  (set {s['name']}: instead, the {len(s['others'])} look-alikes its list keeps: "
+          f"{', '.join(s['others'])})" for s in summary["sets"] if s.get("others")],
         "ratio: erased_moved / others_moved; well above 1 = the edit singled out its "
         "concepts",
         "preserve_moved: the same for the --preserve prompts' words (lower = better kept)",

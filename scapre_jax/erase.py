@@ -298,12 +298,16 @@ def _run(job: EraseJob, progress) -> dict:
   t0 = time.perf_counter()
   other = unrelated_prompts()
   cache: dict = {}
-  prompts = [p for s in todo for p in _request_prompts(s, job.config_for(s))] + other
+  prompts = [p for s in todo for p in (*_request_prompts(s, job.config_for(s)), *s.others)]
+  prompts += other
   text.encode_prompts(model, prompts, batch_size=job.text_batch_size, cache=cache)
   requests = {s.name: encode_set(model, s, job.config_for(s),
                                  batch_size=job.text_batch_size, cache=cache)
               for s in todo}
-  others = text.encode_prompts(model, other, cache=cache)
+  # Each set is compared with its own `others` (a list's look-alikes) or,
+  # by default, with the shipped captions.
+  others = {s.others: text.encode_prompts(model, list(s.others or other), cache=cache)
+            for s in todo}
   summary["others"] = len(other)
   encode_s = time.perf_counter() - t0
   say(f"encode: {len(set(prompts))} prompts of {len(todo)} set(s) in {encode_s:.1f} s")
@@ -329,7 +333,7 @@ def _run(job: EraseJob, progress) -> dict:
       for s, result in zip(chunk, edited):
         t0 = time.perf_counter()
         entry = _write_set(job, s, config, model, kernels, result, requests[s.name],
-                           others, cache, run_id)
+                           others[s.others], cache, run_id)
         entry["solve_s"] = solve_s / len(chunk)
         entry["write_s"] = time.perf_counter() - t0
         summary["sets"].append(entry)
@@ -429,7 +433,10 @@ def _write_set(job, s, config, model, kernels, edited, request, others, cache,
       "name": s.name, "preset": s.preset, "run_id": run_id,
       "concepts": list(request.concepts),
       "prompts": request.prompts, "guides": request.guides,
-      "preserve": request.preserve, "config": config.to_dict(), "seed": job.seed,
+      "preserve": request.preserve,
+      # None: the shipped COCO captions (summary["others"] of them).
+      "others": list(s.others) or None,
+      "config": config.to_dict(), "seed": job.seed,
       "precision": job.edit_precision,
       "model": str(model.path), "base_fingerprint": model.fingerprint,
       "files": written, **selectivity, **means,

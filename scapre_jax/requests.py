@@ -20,7 +20,16 @@ from importlib import resources
 from scapre_jax.config import PRESETS
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_SET_KEYS = {"name", "concepts", "guides", "preserve", "preset", "templates"}
+_SET_KEYS = {"name", "concepts", "guides", "preserve", "preset", "templates", "others"}
+
+# The look-alikes a built-in list keeps: classes of the paper's evaluation
+# CSV for that list which the list does not erase (imagenet-15.csv holds 15
+# classes, imagenet-confuse-15 erases 10). They measure collateral damage
+# on near neighbours, so they are the list's default `others`.
+LIST_LOOKALIKES = {
+    "imagenet-confuse-15": ("german shepherd", "persian cat", "pomegranate", "yawl",
+                            "tennis ball"),
+}
 
 
 @functools.cache
@@ -41,6 +50,9 @@ class ConceptSet:
   preserve: tuple[str, ...] = ()
   preset: str = "scapre"
   templates: str | tuple[str, ...] | None = None
+  # Prompts the summary compares the erased ones with (`others_moved`);
+  # empty: the COCO captions shipped with the package.
+  others: tuple[str, ...] = ()
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -83,6 +95,12 @@ def parse_concepts(value) -> tuple[str, ...]:
     warnings.warn(f"concept(s) {', '.join(map(repr, twice))} given more than once; "
                   "each is erased once", UserWarning, stacklevel=2)
   return unique
+
+
+def list_others(value) -> tuple[str, ...]:
+  """The default `others` of a concepts argument: the look-alikes of a
+  built-in list that has them (LIST_LOOKALIKES), else ()."""
+  return LIST_LOOKALIKES.get(value.strip(), ()) if isinstance(value, str) else ()
 
 
 def _squash(text: str) -> str:
@@ -180,7 +198,9 @@ def set_from_dict(entry: dict, *, default_preset: str = "scapre") -> ConceptSet:
       guides=_optional_strings(entry.get("guides"), "guides"),
       preserve=_optional_strings(entry.get("preserve"), "preserve") or (),
       preset=entry.get("preset", default_preset),
-      templates=templates)
+      templates=templates,
+      others=(_optional_strings(entry.get("others"), "others")
+              or list_others(entry["concepts"])))
 
 
 def load_sets_file(path, *, default_preset: str = "scapre") -> list[ConceptSet]:

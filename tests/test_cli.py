@@ -519,3 +519,43 @@ def test_inspect_crafted_metadata_is_one_line(tmp_path, capsys):
   assert run("inspect", path) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "metadata of an unexpected shape" in err[0]
+
+
+def test_list_lookalikes_are_the_sets_others(tiny_dir, tmp_path, capsys):
+  """imagenet-confuse-15 erases 10 of the 15 classes of the paper's
+  imagenet-15 evaluation: the other five are its default `others`, and a
+  sets file's "others" replaces the shipped captions. others_moved is the
+  selectivity over exactly those prompts."""
+  sets = tmp_path / "sets.jsonl"
+  sets.write_text(
+      '{"name": "lookalikes", "concepts": "imagenet-confuse-15"}\n'
+      '{"name": "own", "concepts": ["tench"], "others": ["church", "parachute"]}\n'
+      '{"name": "captions", "concepts": ["tench"]}\n')
+  out = tmp_path / "o"
+  assert run("erase", "--model", tiny_dir, "--sets", sets, "--out", out, "--quiet") == 0
+  shown = capsys.readouterr().out
+  assert ("set lookalikes: instead, the 5 look-alikes its list keeps: german shepherd, "
+          "persian cat, pomegranate, yawl, tennis ball") in shown
+  assert set(requests.LIST_LOOKALIKES["imagenet-confuse-15"]).isdisjoint(
+      requests.builtin_lists()["imagenet-confuse-15"])
+  model = models.load_model(tiny_dir)
+  kernels = models.cross_attention_kernels(model.unet_params)
+  moved = {}
+  for name, others in [("lookalikes", requests.LIST_LOOKALIKES["imagenet-confuse-15"]),
+                       ("own", ("church", "parachute")), ("captions", None)]:
+    report = json.loads((out / f"{name}.json").read_text())
+    assert report["others"] == (None if others is None else list(others))
+    edited, _ = io.read_edit_file(out / f"{name}.safetensors")
+    edited = {models.flax_path(n): v for n, v in edited.items()}
+    concept_set = requests.ConceptSet(name, tuple(report["concepts"]))
+    request = erase.encode_set(model, concept_set, sj.EditConfig.preset("scapre"))
+    seqs, lengths = text.encode_prompts(model, list(others or erase.unrelated_prompts()))
+    want = sj.metrics.selectivity(kernels, edited, request.inputs, seqs, lengths)
+    # Same weights, same prompts; the run encoded them in other batches, which
+    # moves the float32 encodings by a few ulps (~1e-7 relative) on any CPU,
+    # and a ratio of norms passes that on unamplified: 1e-4 is ample.
+    np.testing.assert_allclose(report["others_moved"], want["others_moved"], rtol=1e-4)
+    moved[name] = report["others_moved"]
+  # The same erase of "tench" against its own two prompts and against the
+  # captions measures different things.
+  assert abs(moved["own"] - moved["captions"]) > 1e-3 * moved["captions"]
