@@ -217,9 +217,39 @@ def write_model_folder(src_root: PathLike, out_root: PathLike,
     shutil.copytree(src, tmp, ignore=ignore, dirs_exist_ok=True)
     for name, (tensors, meta) in written.items():
       safetensors.numpy.save_file(tensors, tmp / "unet" / name, metadata=meta)
+    drop_variant_names(tmp)
 
   outputs.atomic_dir(out, overwrite, build)
   return out
+
+
+_VARIANT = re.compile(r"\.(fp16|bf16|fp32)(?=\.safetensors$|\.json$|-\d{5}-of-\d{5}\.safetensors$)")
+
+
+def drop_variant_names(root: pathlib.Path) -> list[str]:
+  """Renames variant weight files (`model.fp16.safetensors`, sharded ones and
+  their index) to the plain names, in every folder of `root` that has no
+  plain weights of its own, so that `from_pretrained(root)` loads the folder
+  without a `variant=` argument. Returns the renamed paths (relative)."""
+  renamed = []
+  for folder in sorted({p.parent for p in root.rglob("*.safetensors")}):
+    files = [p for p in folder.iterdir() if p.is_file()]
+    variant = [p for p in files if _VARIANT.search(p.name)
+               and (p.suffix == ".safetensors" or ".index." in p.name)]
+    plain = [p for p in files if p.suffix == ".safetensors" and p not in variant]
+    if not variant or plain:
+      continue
+    for path in variant:
+      target = path.with_name(_VARIANT.sub("", path.name))
+      if ".index." in path.name:  # the shard names inside change the same way
+        index = json.loads(path.read_text("utf-8"))
+        index["weight_map"] = {k: _VARIANT.sub("", v) for k, v in index["weight_map"].items()}
+        target.write_text(json.dumps(index, indent=2), "utf-8")
+        path.unlink()
+      else:
+        path.rename(target)
+      renamed.append(target.relative_to(root).as_posix())
+  return renamed
 
 
 def _index_for(unet: pathlib.Path, files) -> list[str]:

@@ -345,3 +345,36 @@ def test_orbax_round_trip(model, edited, tmp_path):
   assert no_leftovers(tmp_path)
   with pytest.raises(FileNotFoundError):
     io.read_orbax(tmp_path / "missing")
+
+
+def test_fp16_only_folder_gives_a_folder_plain_from_pretrained_loads(
+    tiny_dir, edited, tmp_path, capfd):
+  """A folder holding only fp16 variant weights (as `variant="fp16"`
+  downloads keep them) gives a --full folder that `from_pretrained(out)`
+  loads without `variant=`: the variant names become the plain ones, and the
+  edited kernels are stored in the fp16 they replace."""
+  pytest.importorskip("torch")
+  from diffusers import StableDiffusionPipeline
+
+  src = tmp_path / "fp16"
+  shutil.copytree(tiny_dir, src)
+  for path in list(src.rglob("*.safetensors")):
+    state = safetensors.numpy.load_file(path)
+    path.unlink()
+    safetensors.numpy.save_file(
+        {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in state.items()},
+        path.with_name(path.name.replace(".safetensors", ".fp16.safetensors")),
+        metadata={"format": "pt"})
+  out = io.write_model_folder(src, tmp_path / "out", edited)
+  assert files_of(out) == sorted(p.replace(".fp16", "") for p in files_of(src))
+  pipe = StableDiffusionPipeline.from_pretrained(out)
+  capfd.readouterr()
+  unet = pipe.unet.state_dict()
+  for path, kernel in edited.items():
+    want = np.asarray(kernel).T.astype(np.float16)
+    np.testing.assert_array_equal(unet[models.torch_name(path)].numpy(), want.astype(np.float32))
+  text_src = safetensors.numpy.load_file(src / "text_encoder" / "model.fp16.safetensors")
+  text_out = pipe.text_encoder.state_dict()
+  for name, value in text_src.items():
+    if name in text_out:
+      np.testing.assert_array_equal(text_out[name].numpy(), value.astype(text_out[name].numpy().dtype))
