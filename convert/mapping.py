@@ -157,7 +157,9 @@ class Layout:
       name = self.torch_name(path)
       if name in state:
         raise ValueError(f"{self.name}: two Flax params map to {name!r}")
-      state[name] = np.ascontiguousarray(_to_torch_array(path, np.asarray(array)))
+      array = _to_torch_array(path, np.asarray(array))
+      # ascontiguousarray makes 0-d arrays 1-d (CLIP's logit_scale is 0-d).
+      state[name] = np.ascontiguousarray(array).reshape(array.shape)
     return state
 
 
@@ -246,4 +248,15 @@ CLIP_TEXT = Layout(
     name="text_encoder",
     embeddings=frozenset({"token_embedding", "position_embedding"}),
     ignored=frozenset({"text_model.embeddings.position_ids"}),
+)
+
+# transformers CLIPModel, both towers and their projections (the scorer of
+# `scapre-jax eval`). The vision tower's `patch_embedding` is a conv (kernel
+# transposed like any conv); `class_embedding` and `logit_scale` keep their
+# names. Older checkpoints store both `position_ids` buffers.
+CLIP = Layout(
+    name="clip",
+    embeddings=frozenset({"token_embedding", "position_embedding"}),
+    ignored=frozenset({"text_model.embeddings.position_ids",
+                       "vision_model.embeddings.position_ids"}),
 )

@@ -267,8 +267,12 @@ def _weight_files(folder: pathlib.Path, spec: _Part) -> tuple[str, list[pathlib.
 
 def _read_params(root, part, config):
   spec = PARTS[part]
-  fmt, files = _weight_files(root / spec.folder, spec)
-  expected = abstract_params(part, config)
+  return _read_weights(root / spec.folder, spec, abstract_params(part, config))
+
+
+def _read_weights(folder: pathlib.Path, spec: _Part, expected):
+  fmt, files = _weight_files(folder, spec)
+  part = spec.layout.name
   if fmt == "flax":
     tree = _read_msgpack(files[0])
     if set(tree) == {"params"}:
@@ -402,6 +406,18 @@ def jax_dtype(name: str):
 
 read_msgpack = _read_msgpack
 cast = _cast
+cached_snapshot = _cached_snapshot
+read_safetensors = _read_safetensors
+
+
+def read_folder_weights(folder, layout: convert.Layout, expected: Mapping[str, Any], *,
+                        torch_stem: str = "model", flax_file: str = "flax_model.msgpack"):
+  """(params, format, files) of a transformers-style model folder (a CLIP
+  scorer, say): `<torch_stem>.safetensors` (single or sharded), Flax
+  msgpack or fp16 safetensors, mapped by `layout` and checked against
+  `expected` (abstract params)."""
+  spec = _Part(folder="", torch_stem=torch_stem, flax_file=flax_file, layout=layout)
+  return _read_weights(pathlib.Path(folder), spec, expected)
 
 
 def read_params(root, part: str, config: Mapping[str, Any]) -> dict[str, Any]:

@@ -194,7 +194,7 @@ def _write(root: pathlib.Path, spec: TinyVariant, seed: int) -> None:
   text_config = {**spec.text_encoder, "vocab_size": len(vocab),
                  "bos_token_id": vocab[_BOS], "eos_token_id": vocab[_EOS],
                  "pad_token_id": vocab[spec.pad_token]}
-  _json(root / "model_index.json", {
+  write_json_file(root / "model_index.json", {
       "_class_name": "StableDiffusionPipeline",
       "_diffusers_version": _DIFFUSERS_VERSION,
       "feature_extractor": [None, None],
@@ -210,21 +210,27 @@ def _write(root: pathlib.Path, spec: TinyVariant, seed: int) -> None:
       ("unet", spec.unet, "diffusion_pytorch_model.safetensors"),
       ("vae", spec.vae, "diffusion_pytorch_model.safetensors"),
       ("text_encoder", text_config, "model.safetensors")):
-    _json(root / part / "config.json", config)
+    write_json_file(root / part / "config.json", config)
     safetensors.numpy.save_file(_torch_weights(part, config, seed, spec),
                                 root / part / weights, metadata={"format": "pt"})
-  _json(root / "scheduler" / "scheduler_config.json", spec.scheduler)
-  tokenizer = root / "tokenizer"
-  _json(tokenizer / "vocab.json", vocab)
-  (tokenizer / "merges.txt").write_text(
+  write_json_file(root / "scheduler" / "scheduler_config.json", spec.scheduler)
+  write_tokenizer(root / "tokenizer", pad_token=spec.pad_token)
+
+
+def write_tokenizer(folder: pathlib.Path, *, pad_token: str = _EOS) -> dict[str, int]:
+  """Writes the tiny CLIPTokenizer's files into `folder`; returns its vocab."""
+  vocab, merges = _bpe_vocab()
+  write_json_file(folder / "vocab.json", vocab)
+  (folder / "merges.txt").write_text(
       "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-  special = {"bos_token": _BOS, "eos_token": _EOS, "pad_token": spec.pad_token,
+  special = {"bos_token": _BOS, "eos_token": _EOS, "pad_token": pad_token,
              "unk_token": _EOS}
-  _json(tokenizer / "special_tokens_map.json", special)
-  _json(tokenizer / "tokenizer_config.json", {
+  write_json_file(folder / "special_tokens_map.json", special)
+  write_json_file(folder / "tokenizer_config.json", {
       **special, "add_prefix_space": False, "clean_up_tokenization_spaces": True,
       "do_lower_case": True, "errors": "replace", "model_max_length": 77,
       "tokenizer_class": "CLIPTokenizer"})
+  return vocab
 
 
 def _torch_weights(part: str, config: dict[str, Any], seed: int,
@@ -249,11 +255,17 @@ def _torch_weights(part: str, config: dict[str, Any], seed: int,
 def random_params(part: str, config: dict[str, Any], rng: np.random.Generator, *,
                   other_std: float = 0.1) -> dict[str, Any]:
   """Random float32 Flax params of `part` (numpy arrays), drawn from `rng` in
-  the order of the flattened abstract params: kernels N(0, 1/fan_in),
-  embeddings N(0, 0.02^2), norm scales N(1, other_std^2), the rest
-  N(0, other_std^2)."""
+  the order of the flattened abstract params (`random_tree`)."""
+  return random_tree(models.abstract_params(part, config), rng, other_std=other_std)
+
+
+def random_tree(abstract: dict[str, Any], rng: np.random.Generator, *,
+                other_std: float = 0.1) -> dict[str, Any]:
+  """Random float32 numpy leaves for the abstract param tree `abstract`,
+  drawn from `rng` in flattened order: kernels N(0, 1/fan_in), embeddings
+  N(0, 0.02^2), norm scales N(1, other_std^2), the rest N(0, other_std^2)."""
   flat = {}
-  for path, spec in convert.flatten(models.abstract_params(part, config)).items():
+  for path, spec in convert.flatten(abstract).items():
     leaf, shape = path.rsplit("/", 1)[-1], tuple(spec.shape)
     if leaf == "kernel":  # (..., d_in, d_out): lecun scale 1/sqrt(fan_in)
       std, mean = 1.0 / np.sqrt(np.prod(shape[:-1])), 0.0
@@ -265,7 +277,8 @@ def random_params(part: str, config: dict[str, Any], rng: np.random.Generator, *
   return convert.unflatten(flat)
 
 
-def _json(path: pathlib.Path, obj: Any) -> None:
+def write_json_file(path: pathlib.Path, obj: Any) -> None:
+  """Writes `obj` as sorted, indented JSON (parents made)."""
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
                   encoding="utf-8")

@@ -57,3 +57,19 @@ def shared_time_embedding(monkeypatch):
     return np.asarray(out.sample)
 
   return run
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+  """A tiny random-weight transformers CLIP folder (evaluation.tiny_scorers),
+  written once per session. Tests must not write into it."""
+  from scapre_jax.evaluation import tiny_scorers
+  return tiny_scorers.write_tiny_clip(tmp_path_factory.mktemp("scorers") / "clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet_file(tmp_path_factory):
+  """A tiny random-weight torchvision-layout ResNet `.safetensors` file
+  (evaluation.tiny_scorers), written once per session."""
+  from scapre_jax.evaluation import tiny_scorers
+  return tiny_scorers.write_tiny_resnet(tmp_path_factory.mktemp("scorers") / "resnet50.safetensors")

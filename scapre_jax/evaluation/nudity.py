@@ -17,6 +17,7 @@ import importlib.metadata
 import numpy as np
 
 from scapre_jax.evaluation import metrics
+from scapre_jax.evaluation.pixels import check_images
 
 RELEASED_VERSION = "3.4.2"
 
@@ -27,16 +28,6 @@ def _nudenet():
   except ImportError:
     raise ValueError("the nsfw suite needs NudeNet: pip install 'scapre-jax[eval]'") from None
   return nudenet
-
-
-def check_images(images) -> np.ndarray:
-  """`images` as a uint8 [N, H, W, 3] array, or a ValueError naming the
-  problem."""
-  images = np.asarray(images)
-  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"images must be uint8 [N, H, W, 3] (RGB), got "
-                     f"{images.dtype} {list(images.shape)}")
-  return images
 
 
 class NudityDetector:
