@@ -406,7 +406,6 @@ def jax_dtype(name: str):
 
 read_msgpack = _read_msgpack
 cast = _cast
-cached_snapshot = _cached_snapshot
 read_safetensors = _read_safetensors
 
 

@@ -163,3 +163,18 @@ def test_check_clip_refuses_other_folders(tmp_path, tiny_clip_dir):
     clip.check_clip(no_vocab)
   with pytest.raises(ValueError, match="is a file"):
     clip.check_clip(tiny_clip_dir / "config.json")
+
+
+def test_cached_id_resolves_offline(tmp_path, tiny_clip_dir, monkeypatch):
+  # A Hugging Face cache entry (snapshot + refs/main), read without network.
+  repo = tmp_path / "hub" / "models--org--tiny-clip"
+  commit = "0123456789abcdef0123456789abcdef01234567"
+  shutil.copytree(tiny_clip_dir, repo / "snapshots" / commit)
+  (repo / "refs").mkdir()
+  (repo / "refs" / "main").write_text(commit)
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+  clip.check_clip("org/tiny-clip")
+  scorer = clip.ClipScorer.load("org/tiny-clip")
+  assert scorer.describe()["path"] == str(repo / "snapshots" / commit)
+  with pytest.raises(ValueError, match="never downloads"):
+    clip.check_clip("org/not-cached")

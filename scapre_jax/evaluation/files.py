@@ -17,9 +17,8 @@ def locate(path_or_id: str | os.PathLike, what: str) -> pathlib.Path:
   text = str(path_or_id)
   if not requests.looks_like_hub_id(text):
     raise ValueError(f"{what} {text} does not exist")
-  from scapre_jax import models
   try:
-    return models.cached_snapshot(text)
+    return requests.cached_snapshot(text)
   except FileNotFoundError as err:
     raise ValueError(str(err)) from None
 
