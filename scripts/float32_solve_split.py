@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Where the float32 error of a mask-off ScaPre edit comes from, on one matrix.
+
+A companion to scripts/float32_accuracy.py (BENCHMARKS.md, "float32 against
+float64, end to end"). On the first cross-attention matrix of the built-in
+768-wide tiny model (or --model), preset `scapre-nsfw` (no MI mask, no ASED,
+no preserve prompts, so alpha = eta on every row), the step-6 system
+w (G + alpha Pi) = b is built in float64 and then:
+
+  solve      the float64 system rounded to float32, solved in float32 by the
+             engine (Cholesky + Woodbury) and by per-row LAPACK Cholesky
+             (the released code's solve, `reference.scapre_row_solve`);
+  formation  G and b built in float32 from the float64 text (ours: the engine's
+             statistics; released: its per-concept loops), solved exactly;
+  variants   the engine's float32 solve with b built in the released order
+             sum_j (W Y_j^T) X_j, and with one float32 refinement step;
+  factor     the solve in the form W + (W E^T)(cI + Z Z^T)^(-1) Z, where
+             G + alpha Pi = cI + Z^T Z and Z stacks the weighted rows. It is not in
+             the engine; it needs no more rows than d_in.
+
+Every error is ||got - exact|| / ||exact|| against the float64 solution.
+
+  python scripts/float32_solve_split.py
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--model", help="diffusers folder (default: the built-in tiny model)")
+  parser.add_argument("--concepts", default="nudity, naked, sexual")
+  args = parser.parse_args(argv)
+
+  import jax
+  import jax.numpy as jnp
+  import jax.scipy.linalg as jsl
+  import numpy as np
+  import torch
+
+  from scapre_jax import edit, erase, models, precision, reference, requests, verify
+  from scapre_jax._src import targets
+  from scapre_jax.config import EditConfig
+
+  precision.enable_x64()
+  config = EditConfig.preset("scapre-nsfw")
+  assert not config.mi_mask and not config.ased
+  model = models.load_model(args.model or erase.ensure_tiny_model(), dtype="float64")
+  name, kernel = next(iter(models.cross_attention_kernels(model.unet_params).items()))
+  concept_set = requests.ConceptSet("set", requests.parse_concepts(args.concepts),
+                                    preset="scapre-nsfw")
+  request = erase.encode_set(model, concept_set, config)
+  key = jax.random.key(0)
+
+  def rel(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+  def system(weight, inputs, dtype):
+    """(G, U, b, alpha, mu) as the engine builds them, in `dtype`."""
+    stats = edit.concept_statistics(inputs, config, dtype)
+    noise = precision.cast(edit.probe_noise(key, inputs, config, jnp.float32),
+                           "float64" if dtype == jnp.float64 else "float32")
+    mu = jnp.mean(jnp.clip(1 - edit.row_entropy(weight, inputs, noise, config), 0, 1))
+    b = (config.lamb + mu) * weight + edit.value_sum(weight, inputs, stats, None, config)
+    alpha = jnp.full(weight.shape[:1], config.erase_scale, dtype)
+    return edit.scapre_gram(stats, config, mu), stats.projector_basis, b, alpha, mu
+
+  inputs64 = request.inputs
+  inputs32 = precision.cast(inputs64, "float32")
+  w64 = kernel.T
+  w32 = w64.astype(jnp.float32)
+  g64, u64, b64, a64, mu64 = system(w64, inputs64, jnp.float64)
+  exact = edit.solve_scapre_system(g64, u64, b64, a64)
+  to32 = lambda *xs: [jnp.asarray(x, jnp.float32) for x in xs]
+  to64 = lambda *xs: [jnp.asarray(x, jnp.float64) for x in xs]
+  eig = np.linalg.eigvalsh(np.asarray(g64))
+  print(f"{name}: d_out {w64.shape[0]}, d_in {w64.shape[1]}, cond(G) {eig[-1] / eig[0]:.1e}")
+
+  g, u, b, a = to32(g64, u64, b64, a64)
+  projector = np.asarray(u64) @ np.asarray(u64).T
+  with reference.precision(torch.float32), torch.no_grad():
+    rows = reference.scapre_row_solve(*(torch.from_numpy(np.asarray(x, np.float32)) for x in (
+        g64, projector, b64, a64))).numpy()
+  print(f"solve      engine {rel(edit.solve_scapre_system(g, u, b, a), exact):.2e}   "
+        f"per-row Cholesky {rel(rows, exact):.2e}")
+
+  g32, u32, b32, a32, mu32 = system(w32, inputs32, jnp.float32)
+  ours_g = edit.solve_scapre_system(*to64(g32), u64, b64, a64)
+  ours_b = edit.solve_scapre_system(g64, u64, *to64(b32), a64)
+  vecs, _, old, new, _ = verify.encode_reference_inputs(
+      model.path, request.prompts, request.guides, request.preserve, torch.float64)
+  wt = torch.from_numpy(np.array(w32))
+  d_in = wt.shape[1]
+  lam_mu = config.lamb + torch.tensor(float(mu32))
+  s_sum, v_sum = torch.zeros(d_in, d_in), torch.zeros(wt.shape[0], d_in)
+  for x, y in zip(old, new):  # the released code's per-concept loop
+    x, y = x.float(), y.float()
+    v_sum = v_sum + config.erase_scale * ((y @ wt.T).T @ x)
+    s_sum = s_sum + config.erase_scale * (x.T @ x)
+  c = vecs.float()
+  rel_g = lam_mu * torch.eye(d_in) + c.T @ c + s_sum
+  rel_b = lam_mu * wt + v_sum
+  theirs_g = edit.solve_scapre_system(jnp.asarray(rel_g.double().numpy()), u64, b64, a64)
+  theirs_b = edit.solve_scapre_system(g64, u64, jnp.asarray(rel_b.double().numpy()), a64)
+  print(f"formation  ours: G {rel(ours_g, exact):.2e}  b {rel(ours_b, exact):.2e}   "
+        f"released: G {rel(theirs_g, exact):.2e}  b {rel(theirs_b, exact):.2e}")
+
+  mask = inputs32.seq_mask & inputs32.concept_mask[:, None]
+  values = targets.target_values(w32, inputs32.old_seqs, inputs32.new_seqs, mask,
+                                 technique=config.technique)
+  ones = jnp.broadcast_to(inputs32.concept_mask[:, None],
+                          (values.shape[0], values.shape[2])).astype(jnp.float32)
+  b_rows = (config.lamb + mu32) * w32 + config.erase_scale * targets.weighted_value_sum(
+      ones, values, inputs32.old_seqs)
+
+  def apply(w):
+    return targets.matmul(w, g32) + a32[:, None] * targets.matmul(targets.matmul(w, u32), u32.T)
+
+  for label, rhs in (("engine b", b32), ("released-order b", b_rows)):
+    plain = edit.solve_scapre_system(g32, u32, rhs, a32)
+    refined = plain + edit.solve_scapre_system(g32, u32, rhs - apply(plain), a32)
+    print(f"variants   {label}: plain {rel(plain, exact):.2e}  one refinement step "
+          f"{rel(refined, exact):.2e}")
+
+  keep = np.asarray(inputs64.seq_mask & inputs64.concept_mask[:, None]).reshape(-1)
+  old_rows = np.asarray(inputs64.old_seqs).reshape(-1, d_in)[keep]
+  new_rows = np.asarray(inputs64.new_seqs).reshape(-1, d_in)[keep]
+  concepts = np.asarray(inputs64.concept_vecs)[np.asarray(inputs64.concept_mask)]
+  basis = np.asarray(u64)
+  eta, alpha = config.erase_scale, float(a64[0])
+
+  def factor_solve(dtype, mu):
+    x, y, cv, ub, w = (jnp.asarray(t, dtype) for t in (old_rows, new_rows, concepts, basis, w64))
+    root_eta, root_alpha = jnp.sqrt(jnp.asarray(eta, dtype)), jnp.sqrt(jnp.asarray(alpha, dtype))
+    z = jnp.concatenate([cv, root_eta * x, root_alpha * ub.T])
+    e_rows = jnp.concatenate([-cv, root_eta * (y - x), -root_alpha * ub.T])
+    inner = (config.lamb + jnp.asarray(mu, dtype)) * jnp.eye(z.shape[0], dtype=dtype) + z @ z.T
+    coeffs = jsl.cho_solve(jsl.cho_factor(inner, lower=True), (w @ e_rows.T).T).T
+    return w + coeffs @ z
+
+  print(f"factor     {len(old_rows) + len(concepts) + basis.shape[1]} rows: float64 "
+        f"{rel(factor_solve(jnp.float64, mu64), exact):.1e} (the same system)   float32 "
+        f"{rel(factor_solve(jnp.float32, mu32), exact):.2e}")
+
+
+if __name__ == "__main__":
+  main()
