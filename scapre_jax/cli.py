@@ -26,7 +26,7 @@ from scapre_jax.config import EditConfig, PRESET_HELP, PRESETS
 
 # tiny.TINY_CONFIGS' keys, spelled out so parsing imports no model code
 # (tests/test_cli.py checks they agree).
-TINY_VARIANTS = ("sd1", "sd2", "sd1-768")
+TINY_VARIANTS = ("sd1", "sd2", "sd1-768", "sdxl")
 
 
 def _field_types() -> dict[str, type]:
@@ -371,7 +371,8 @@ def _inspect_lines(file, kernels, meta) -> list[str]:
         repr(p) if not p.strip() else p for p in meta["preserve"]))
   lines += [f"method        {config.get('method')} (preset {meta.get('preset', '?')}, "
             f"seed {meta.get('seed', '?')})",
-            f"base model    {meta.get('base_fingerprint')}",
+            f"base model    {meta.get('base_fingerprint')}"
+            + (f" ({meta['family']})" if meta.get("family") else ""),
             f"library       scapre-jax {meta.get('scapre_jax_version')}, dtype {meta.get('dtype')}, "
             f"computed in {meta.get('precision', 'float32')}",
             f"matrices      {len(kernels)}"]

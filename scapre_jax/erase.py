@@ -414,7 +414,7 @@ def _write_set(job, s, config, model, kernels, edited, request, others, cache,
       concepts=request.concepts, guides=request.guides, preserve=request.preserve,
       config=config, base_fingerprint=model.fingerprint, name=s.name,
       prompts=request.prompts, seed=job.seed, preset=s.preset, run_id=run_id,
-      precision=job.edit_precision,
+      precision=job.edit_precision, family=model.family,
       layers={models.torch_name(n): v for n, v in layers.items()})
   # Written in the model's dtype: one rounding of the (float64) edit.
   edited = {n: k.astype(models.jax_dtype(job.dtype)) for n, k in edited.items()}
@@ -438,7 +438,8 @@ def _write_set(job, s, config, model, kernels, edited, request, others, cache,
       "others": list(s.others) or None,
       "config": config.to_dict(), "seed": job.seed,
       "precision": job.edit_precision,
-      "model": str(model.path), "base_fingerprint": model.fingerprint,
+      "model": str(model.path), "family": model.family,
+      "base_fingerprint": model.fingerprint,
       "files": written, **selectivity, **means,
       "layers": {models.torch_name(n): e for n, e in report.items()},
   }

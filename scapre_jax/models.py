@@ -53,6 +53,7 @@ with warnings.catch_warnings():
   from transformers import CLIPTextConfig
   from transformers import CLIPTokenizer
   from transformers import FlaxCLIPTextModel
+  from transformers import FlaxCLIPTextModelWithProjection
 
 # float64 needs JAX's 64-bit mode (scapre_jax.precision); the others do not.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
@@ -95,41 +96,88 @@ PARTS = {
                     ("mid_block_add_attention", True))),
     "text_encoder": _Part(
         "text_encoder", "model", "flax_model.msgpack", convert.CLIP_TEXT),
+    # SDXL's second text encoder: CLIPTextModelWithProjection (OpenCLIP bigG).
+    "text_encoder_2": _Part(
+        "text_encoder_2", "model", "flax_model.msgpack", convert.CLIP_TEXT),
 }
+TEXT_PARTS = ("text_encoder", "text_encoder_2")
+_TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+# Model families a diffusers folder can hold (`detect_family`), and which
+# hidden state of the text encoder(s) is the UNet context
+# (docs/algorithm.md "SDXL"): the last one (after the final layer norm) for
+# SD 1.x/2.x, the penultimate one (`hidden_states[-2]`) of each encoder for
+# SDXL, concatenated in TEXT_PARTS order.
+FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL",
+            "sdxl-refiner": "SDXL refiner"}
+CONTEXT_LAYERS = {"sd1": "last", "sd2": "last", "sdxl": "penultimate",
+                  "sdxl-refiner": "penultimate"}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextEncoder:
+  """One text encoder of a model, its params and its tokenizer.
+
+  Call it as `module(input_ids, params=params)`; `part` is its folder
+  ("text_encoder", or SDXL's "text_encoder_2").
+  """
+
+  part: str
+  module: Any  # FlaxCLIPTextModel or FlaxCLIPTextModelWithProjection, no params
+  params: dict[str, Any]
+  tokenizer: Any  # CLIPTokenizer
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LoadedModel:
-  """A Stable Diffusion UNet and text encoder as Flax modules + params.
+  """A Stable Diffusion UNet and text encoder(s) as Flax modules + params.
 
   Call the UNet as `unet.apply({"params": unet_params}, sample (B,C,H,W),
-  timesteps (B,), context (B,77,d_in)).sample` and the text encoder as
-  `text_encoder(input_ids, attention_mask, params=text_params)`.
+  timesteps (B,), context (B,77,d_in)).sample` (SDXL adds
+  `added_cond_kwargs={"text_embeds", "time_ids"}`). `text_encoders` holds
+  one encoder (SD 1.x/2.x, the SDXL refiner's text_encoder_2) or two
+  (SDXL); `text_encoder`, `text_params` and `tokenizer` are the first one's.
   """
 
   unet: Any  # FlaxUNet2DConditionModel
   unet_params: dict[str, Any]
-  text_encoder: Any  # FlaxCLIPTextModel, built without params
-  text_params: dict[str, Any]
-  tokenizer: Any  # CLIPTokenizer
+  text_encoders: tuple[TextEncoder, ...]
   path: pathlib.Path  # the diffusers folder
   unet_config: dict[str, Any]
   fingerprint: str  # sha256 of the UNet weight file(s) as read
   weights_format: str  # "safetensors" or "flax": the UNet file read
   unet_files: tuple[pathlib.Path, ...]
   dtype: str
+  family: str = "sd1"  # a key of FAMILIES
+
+  @property
+  def text_encoder(self):
+    return self.text_encoders[0].module
+
+  @property
+  def text_params(self) -> dict[str, Any]:
+    return self.text_encoders[0].params
+
+  @property
+  def tokenizer(self):
+    return self.text_encoders[0].tokenizer
+
+  @property
+  def context_layer(self) -> str:
+    """Which hidden state is the UNet context: "last" or "penultimate"."""
+    return CONTEXT_LAYERS[self.family]
 
 
 # -- building -----------------------------------------------------------------
 
 
 def build(part: str, config: Mapping[str, Any], *, dtype: str = "float32"):
-  """Flax module of `part` ("unet", "vae", "text_encoder") from its
-  diffusers/transformers config dict."""
+  """Flax module of `part` ("unet", "vae", "text_encoder", "text_encoder_2")
+  from its diffusers/transformers config dict."""
   jdtype = _dtype(dtype)
-  if part == "text_encoder":
-    return FlaxCLIPTextModel(CLIPTextConfig.from_dict(dict(config)),
-                             dtype=jdtype, _do_init=False)
+  if part in TEXT_PARTS:
+    cls = FlaxCLIPTextModel if part == "text_encoder" else FlaxCLIPTextModelWithProjection
+    return cls(CLIPTextConfig.from_dict(dict(config)), dtype=jdtype, _do_init=False)
   spec = PARTS[part]
   for key, supported in spec.torch_only:
     if key in config and config[key] != supported:
@@ -143,7 +191,7 @@ def build(part: str, config: Mapping[str, Any], *, dtype: str = "float32"):
 
 
 def _init_fn(part: str, module):
-  if part == "text_encoder":
+  if part in TEXT_PARTS:
     return functools.partial(module.init_weights, input_shape=(1, 1))
   return module.init_weights
 
@@ -165,7 +213,8 @@ def abstract_params(part: str, config: Mapping[str, Any]) -> dict[str, Any]:
 def load_model(path_or_id: str | os.PathLike, *, dtype: str = "float32",
                text_dtype: str | None = None, config=None, tokenizer=None,
                weights: str = "all") -> LoadedModel:
-  """Loads UNet, text encoder and tokenizer from a local diffusers folder, an
+  """Loads UNet, text encoder(s) and tokenizer(s) from a local diffusers folder
+  (SD 1.x, SD 2.x, SDXL or the SDXL refiner: `detect_family`), an
   already-cached Hugging Face id (never downloads) or a single-file
   checkpoint (`scapre_jax.single_file`: SD 1.x/2.x `.safetensors`). Params
   are cast to `dtype` ("float32", "bfloat16", "float16", "float64"); the
@@ -190,17 +239,21 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str = "float32",
   text_jdtype = _dtype(text_dtype)
   root = resolve(path_or_id)
   unet_config = _read_config(root, PARTS["unet"])
-  text_config = _read_config(root, PARTS["text_encoder"])
+  text_configs = {part: _read_config(root, PARTS[part]) for part in text_parts(root)}
   unet_params, unet_format, unet_files = _read_params(root, "unet", unet_config)
-  text_params, _, _ = _read_params(root, "text_encoder", text_config)
+  family = detect_family(root, unet_config, text_configs)
+  encoders = tuple(
+      TextEncoder(part=part, module=build(part, config, dtype=text_dtype),
+                  params=_cast(_read_params(root, part, config)[0], text_jdtype),
+                  tokenizer=_tokenizer(root / _TOKENIZERS[part]))
+      for part, config in text_configs.items())
   if weights == "edit":
     unet_params = convert.unflatten(cross_attention_kernels(unet_params))
   return LoadedModel(
       unet=build("unet", unet_config, dtype=dtype),
       unet_params=_cast(unet_params, jdtype),
-      text_encoder=build("text_encoder", text_config, dtype=text_dtype),
-      text_params=_cast(text_params, text_jdtype),
-      tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
+      text_encoders=encoders,
+      family=family,
       path=root,
       unet_config=unet_config,
       fingerprint=fingerprint(unet_files),
@@ -222,12 +275,53 @@ def resolve(path_or_id: str | os.PathLike) -> pathlib.Path:
       raise FileNotFoundError(f"model folder {text} does not exist")
   if not path.is_dir():
     raise ValueError(f"{path} is a file, not a diffusers model folder")
-  missing = [n for n in ("model_index.json", "unet", "text_encoder", "tokenizer")
-             if not (path / n).exists()]
+  missing = [n for n in ("model_index.json", "unet") if not (path / n).exists()]
+  if not text_parts(path):
+    missing.append("text_encoder")
+  missing += [_TOKENIZERS[p] for p in text_parts(path)
+              if not (path / _TOKENIZERS[p]).exists()]
   if missing:
     raise ValueError(f"{path} is not a diffusers Stable Diffusion folder: "
                      f"missing {', '.join(missing)}")
   return path
+
+
+def text_parts(root: pathlib.Path) -> tuple[str, ...]:
+  """The text encoder folders of a diffusers folder, in TEXT_PARTS order."""
+  return tuple(p for p in TEXT_PARTS if (pathlib.Path(root) / p).is_dir())
+
+
+def detect_family(root, unet_config: Mapping[str, Any],
+                  text_configs: Mapping[str, Mapping[str, Any]]) -> str:
+  """The family (a key of FAMILIES) of a diffusers folder, from its UNet
+  config and text encoder configs {part: config}: SD 1.x/2.x have one
+  `text_encoder` as wide as the UNet context (CLIP's quick_gelu: 1.x,
+  OpenCLIP's gelu: 2.x); SDXL has `text_encoder` and `text_encoder_2`, whose
+  widths add up to it, and a "text_time" UNet; the SDXL refiner has
+  `text_encoder_2` alone. Anything else raises ValueError naming what was
+  found."""
+  width = unet_config.get("cross_attention_dim")
+  text_time = unet_config.get("addition_embed_type") == "text_time"
+  widths = {p: c.get("hidden_size") for p, c in text_configs.items()}
+  parts = tuple(widths)
+  if sum(w or 0 for w in widths.values()) == width:
+    if parts == ("text_encoder",) and not text_time:
+      return "sd2" if text_configs["text_encoder"].get("hidden_act") == "gelu" else "sd1"
+    if parts == TEXT_PARTS and text_time:
+      return "sdxl"
+    if parts == ("text_encoder_2",) and text_time:
+      return "sdxl-refiner"
+  found = ", ".join(f"{p} ({w} wide)" for p, w in widths.items()) or "no text encoder"
+  raise ValueError(
+      f"{root} has an unknown model layout: UNet cross_attention_dim={width}, "
+      f"addition_embed_type={unet_config.get('addition_embed_type')!r}, {found}; "
+      "expected SD 1.x/2.x (text_encoder as wide as the context), SDXL (text_encoder "
+      "and text_encoder_2 whose widths add up to it, a text_time UNet) or the SDXL "
+      "refiner (text_encoder_2 alone)")
+
+
+def _tokenizer(folder: pathlib.Path):
+  return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def _read_config(root: pathlib.Path, spec: _Part) -> dict[str, Any]:
@@ -383,7 +477,7 @@ def flax_path(torch_name: str) -> str:
 
 def load_part(path_or_id, part: str, *, dtype: str = "float32"):
   """(Flax module, params cast to `dtype`, config dict) of one network of a
-  diffusers folder: "unet", "vae" or "text_encoder"."""
+  diffusers folder: "unet", "vae", "text_encoder" or "text_encoder_2"."""
   if part not in PARTS:
     raise ValueError(f"unknown part {part!r}; expected one of {tuple(PARTS)}")
   root = resolve(path_or_id)

@@ -226,9 +226,12 @@ def load(path, *, dtype: str = "float32", text_dtype: str | None = None, config=
   return models.LoadedModel(
       unet=models.build("unet", configs["unet"], dtype=dtype),
       unet_params=models.cast(params["unet"], jdtype),
-      text_encoder=models.build("text_encoder", configs["text_encoder"], dtype=text_dtype),
-      text_params=models.cast(params["text_encoder"], models.jax_dtype(text_dtype)),
-      tokenizer=find_tokenizer(family, tokenizer),
+      text_encoders=(models.TextEncoder(
+          part="text_encoder",
+          module=models.build("text_encoder", configs["text_encoder"], dtype=text_dtype),
+          params=models.cast(params["text_encoder"], models.jax_dtype(text_dtype)),
+          tokenizer=find_tokenizer(family, tokenizer)),),
+      family=family.name,
       path=path,
       unet_config=configs["unet"],
       fingerprint=models.fingerprint([path]),
@@ -366,7 +369,10 @@ def _tokenizer(found: pathlib.Path, family: Family):
 def folder_family(root) -> Family:
   """The family whose single-file layout fits the diffusers folder `root`:
   its text encoder's activation tells CLIP (SD 1.x, quick_gelu) from
-  OpenCLIP (SD 2.x, gelu)."""
+  OpenCLIP (SD 2.x, gelu). SDXL folders have no single-file layout here yet."""
+  if "text_encoder_2" in models.text_parts(models.resolve(root)):
+    raise ValueError(f"{root} is an SDXL model; SDXL single files (and LDM names) are "
+                     "not supported yet, only SD 1.x and SD 2.x")
   act = models.read_config(root, "text_encoder").get("hidden_act")
   by_act = {"quick_gelu": "sd1", "gelu": "sd2"}
   if act not in by_act:

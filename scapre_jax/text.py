@@ -16,6 +16,9 @@ Which rows feed the edit is a choice (docs/algorithm.md "Token rows"):
   "last" (UCE's uce_sd_erase.py): one row per prompt, its last token:
     X_j = E(o_j)[n(o_j) - 2],  Y_j = E(g_j)[n(g_j) - 2],  P_k = E(p_k)[n(p_k) - 2]
     (a blank guide has n = 2: its row is the start-of-text token)
+E(p) is the UNet context of p: the text encoder's last hidden state (SD
+1.x/2.x), or for SDXL both encoders' penultimate hidden states concatenated
+(docs/algorithm.md "SDXL"); positions are taken on that context.
 """
 
 from __future__ import annotations
@@ -69,14 +72,40 @@ class EncodedRequest:
 
 
 def sequence_length(model) -> int:
-  """Padded prompt length: the tokenizer's `model_max_length` (77 for SD)."""
-  length = int(model.tokenizer.model_max_length)
-  positions = getattr(model.text_encoder.config, "max_position_embeddings", length)
-  if not 2 < length <= positions:
-    raise ValueError(
-        f"tokenizer model_max_length {length} does not fit the text encoder "
-        f"({positions} positions)")
+  """Padded prompt length: the tokenizer's `model_max_length` (77 for SD),
+  the same for every tokenizer of the model."""
+  lengths = {int(t.tokenizer.model_max_length) for t in model.text_encoders}
+  if len(lengths) != 1:
+    raise ValueError(f"the model's tokenizers pad to different lengths {sorted(lengths)}; "
+                     "their contexts cannot be concatenated")
+  [length] = lengths
+  for t in model.text_encoders:
+    positions = getattr(t.module.config, "max_position_embeddings", length)
+    if not 2 < length <= positions:
+      raise ValueError(
+          f"tokenizer model_max_length {length} does not fit the text encoder "
+          f"{t.part} ({positions} positions)")
   return length
+
+
+def tokenize_model(model, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids (n, T, 77) int32 of every tokenizer of `model` (T = 1, or 2
+  for SDXL, in `model.text_encoders` order) and the attention-mask sums n(p)
+  (n,). SDXL's tokenizers differ only in their padding token, so each prompt
+  has one n(p); tokenizers that disagree on it raise ValueError."""
+  length = sequence_length(model)
+  tokenized = [tokenize(t.tokenizer, prompts, max_length=length)
+               for t in model.text_encoders]
+  lengths = tokenized[0][1]
+  for t, (_, other) in zip(model.text_encoders[1:], tokenized[1:]):
+    differ = np.flatnonzero(other != lengths)
+    if differ.size:
+      i = int(differ[0])
+      raise ValueError(
+          f"{t.part}'s tokenizer splits {prompts[i]!r} into {other[i]} tokens, "
+          f"{model.text_encoders[0].part}'s into {lengths[i]}: the token positions "
+          "of the edit need tokenizers with one vocabulary")
+  return np.stack([ids for ids, _ in tokenized], axis=1), lengths
 
 
 def tokenize(tokenizer, prompts: Sequence[str], *, max_length: int
@@ -116,12 +145,16 @@ def _shorten(prompt: str) -> str:
   return prompt if len(prompt) <= _SHOWN_CHARS else prompt[:_SHOWN_CHARS] + "..."
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _run_encoder(text_encoder, params, input_ids):
+@functools.partial(jax.jit, static_argnums=0, static_argnames="layer")
+def _run_encoder(text_encoder, params, input_ids, layer="last"):
   # No attention mask, as in the SD pipelines and the released code: CLIP's
   # causal mask already keeps padding out of the earlier positions, and the
   # padding rows themselves are part of X_j, Y_j.
-  return text_encoder(input_ids, params=params)[0].astype(_out_dtype(text_encoder))
+  if layer == "penultimate":  # SDXL: hidden_states[-2], no final layer norm
+    out = text_encoder(input_ids, params=params, output_hidden_states=True).hidden_states[-2]
+  else:
+    out = text_encoder(input_ids, params=params)[0]
+  return out.astype(_out_dtype(text_encoder))
 
 
 def _out_dtype(text_encoder) -> np.dtype:
@@ -130,8 +163,11 @@ def _out_dtype(text_encoder) -> np.dtype:
 
 
 def encode_ids(model, input_ids: np.ndarray, *, batch_size: int = 16) -> np.ndarray:
-  """Last hidden states (n, L, d_in) of token ids (n, L): float32, or float64
-  when the text encoder is float64 (`models.load_model(text_dtype="float64")`).
+  """UNet contexts (n, L, d_in) of token ids (n, L), or (n, T, L) with one
+  row of ids per text encoder (`tokenize_model`): the last hidden state, or
+  for SDXL the penultimate ones of both encoders concatenated
+  (`model.context_layer`). float32, or float64 when the text encoder is
+  float64 (`models.load_model(text_dtype="float64")`).
 
   Every call runs batches of exactly `batch_size` rows (the last one
   padded): the jitted encoder compiles once, and a prompt's embedding is
@@ -142,22 +178,30 @@ def encode_ids(model, input_ids: np.ndarray, *, batch_size: int = 16) -> np.ndar
   """
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-  n, length = input_ids.shape
-  width = model.text_encoder.config.hidden_size
+  input_ids = np.asarray(input_ids)
+  if input_ids.ndim == 2:
+    input_ids = input_ids[:, None]
+  towers = model.text_encoders
+  if input_ids.ndim != 3 or input_ids.shape[1] != len(towers):
+    raise ValueError(f"token ids must be (n, L) or (n, {len(towers)}, L) for this "
+                     f"model's {len(towers)} text encoder(s), got {input_ids.shape}")
+  n, _, length = input_ids.shape
+  width = sum(t.module.config.hidden_size for t in towers)
   if n == 0:
     return np.zeros((0, length, width), _out_dtype(model.text_encoder))
   size = int(batch_size)
   padded = -(-n // size) * size
   ids = np.concatenate([input_ids, np.repeat(input_ids[:1], padded - n, axis=0)])
-  out = [np.asarray(_run_encoder(model.text_encoder, model.text_params,
-                                 jnp.asarray(ids[i:i + size])))
-         for i in range(0, padded, size)]
+  out = [np.concatenate([
+      np.asarray(_run_encoder(t.module, t.params, jnp.asarray(ids[i:i + size, k]),
+                              layer=model.context_layer))
+      for k, t in enumerate(towers)], axis=-1) for i in range(0, padded, size)]
   return np.concatenate(out)[:n]
 
 
 def encode_prompts(model, prompts: Sequence[str], *, batch_size: int = 16,
                    cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Encodes prompts with `model`'s tokenizer and Flax text encoder.
+  """Encodes prompts with `model`'s tokenizer(s) and Flax text encoder(s).
 
   Returns (embeddings (n, 77, d_in) = E(p), float32 or float64 as `encode_ids`,
   lengths (n,) int = the attention-mask sums n(p)). Prompts with identical token ids are encoded
@@ -172,7 +216,7 @@ def encode_prompts(model, prompts: Sequence[str], *, batch_size: int = 16,
   for i, p in enumerate(prompts):
     if not isinstance(p, str):
       raise ValueError(f"prompt {i} is not a string: {p!r}")
-  ids, lengths = tokenize(model.tokenizer, prompts, max_length=sequence_length(model))
+  ids, lengths = tokenize_model(model, prompts)
   unique, inverse = np.unique(ids, axis=0, return_inverse=True)
   if cache is None:
     embeddings = encode_ids(model, unique, batch_size=batch_size)

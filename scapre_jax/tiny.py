@@ -48,6 +48,11 @@ class TinyVariant:
   text_encoder: dict[str, Any]
   scheduler: dict[str, Any]
   pad_token: str
+  # SDXL: the second text encoder (CLIPTextModelWithProjection) and the pad
+  # token of its tokenizer; None for one-encoder models.
+  text_encoder_2: dict[str, Any] | None = None
+  pad_token_2: str | None = None
+  pipeline: str = "StableDiffusionPipeline"
   # Std of the text encoder's token embeddings (position embeddings keep
   # 0.02). A larger one makes each row of the encoder's output mostly its own
   # word, as in a trained encoder, instead of a mix of position and biases
@@ -160,6 +165,35 @@ TINY_CONFIGS: dict[str, TinyVariant] = {
         pad_token=_EOS,
         token_embedding_std=1.0,
     ),
+    # SDXL: two text encoders whose penultimate hidden states are
+    # concatenated (32 + 64 = 96 here; SDXL: 768 + 1280 = 2048), the second
+    # with a projection whose pooled output (32; SDXL 1280) feeds the UNet's
+    # "text_time" embedding with six micro-conditions (6 * 8; SDXL 6 * 256).
+    # No attention in the first block and transformer depths 1, 1, 2 (SDXL:
+    # 1, 2, 10), linear proj_in/proj_out; tokenizer_2 pads with "!".
+    "sdxl": TinyVariant(
+        unet={**_UNET_SD1,
+              "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+              "addition_time_embed_dim": 8, "attention_head_dim": [2, 2, 4],
+              "block_out_channels": [32, 32, 64], "cross_attention_dim": 96,
+              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D",
+                                   "CrossAttnDownBlock2D"],
+              "projection_class_embeddings_input_dim": 32 + 6 * 8,
+              "transformer_layers_per_block": [1, 1, 2],
+              "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+              "use_linear_projection": True},
+        vae={**_VAE, "force_upcast": True, "scaling_factor": 0.13025},
+        text_encoder=_TEXT_SD1,
+        text_encoder_2={**_TEXT_SD1, "architectures": ["CLIPTextModelWithProjection"],
+                        "hidden_act": "gelu", "hidden_size": 64,
+                        "intermediate_size": 128, "projection_dim": 32},
+        scheduler={"_class_name": "EulerDiscreteScheduler", **_SCHEDULER,
+                   "interpolation_type": "linear", "prediction_type": "epsilon",
+                   "timestep_spacing": "leading", "use_karras_sigmas": False},
+        pad_token=_EOS,
+        pad_token_2="!",
+        pipeline="StableDiffusionXLPipeline",
+    ),
 }
 
 
@@ -190,31 +224,38 @@ def write_tiny_model(directory: str | os.PathLike, *, seed: int = 0,
 
 
 def _write(root: pathlib.Path, spec: TinyVariant, seed: int) -> None:
-  vocab, merges = _bpe_vocab()
-  text_config = {**spec.text_encoder, "vocab_size": len(vocab),
-                 "bos_token_id": vocab[_BOS], "eos_token_id": vocab[_EOS],
-                 "pad_token_id": vocab[spec.pad_token]}
-  write_json_file(root / "model_index.json", {
-      "_class_name": "StableDiffusionPipeline",
+  vocab, _ = _bpe_vocab()
+  text = [("text_encoder", "tokenizer", spec.text_encoder, spec.pad_token)]
+  if spec.text_encoder_2 is not None:
+    text.append(("text_encoder_2", "tokenizer_2", spec.text_encoder_2, spec.pad_token_2))
+  index = {
+      "_class_name": spec.pipeline,
       "_diffusers_version": _DIFFUSERS_VERSION,
       "feature_extractor": [None, None],
-      "requires_safety_checker": False,
-      "safety_checker": [None, None],
       "scheduler": ["diffusers", spec.scheduler["_class_name"]],
-      "text_encoder": ["transformers", "CLIPTextModel"],
-      "tokenizer": ["transformers", "CLIPTokenizer"],
       "unet": ["diffusers", "UNet2DConditionModel"],
       "vae": ["diffusers", "AutoencoderKL"],
-  })
-  for part, config, weights in (
-      ("unet", spec.unet, "diffusion_pytorch_model.safetensors"),
-      ("vae", spec.vae, "diffusion_pytorch_model.safetensors"),
-      ("text_encoder", text_config, "model.safetensors")):
+  }
+  if spec.text_encoder_2 is None:
+    index.update(requires_safety_checker=False, safety_checker=[None, None])
+  else:
+    index.update(force_zeros_for_empty_prompt=True, image_encoder=[None, None])
+  for part, tokenizer, config, _ in text:
+    index[part] = ["transformers", config["architectures"][0]]
+    index[tokenizer] = ["transformers", "CLIPTokenizer"]
+  write_json_file(root / "model_index.json", index)
+  parts = [("unet", spec.unet, "diffusion_pytorch_model.safetensors"),
+           ("vae", spec.vae, "diffusion_pytorch_model.safetensors")]
+  parts += [(part, {**config, "vocab_size": len(vocab), "bos_token_id": vocab[_BOS],
+                    "eos_token_id": vocab[_EOS], "pad_token_id": vocab[pad]},
+             "model.safetensors") for part, _, config, pad in text]
+  for part, config, weights in parts:
     write_json_file(root / part / "config.json", config)
     safetensors.numpy.save_file(_torch_weights(part, config, seed, spec),
                                 root / part / weights, metadata={"format": "pt"})
   write_json_file(root / "scheduler" / "scheduler_config.json", spec.scheduler)
-  write_tokenizer(root / "tokenizer", pad_token=spec.pad_token)
+  for _, tokenizer, _, pad in text:
+    write_tokenizer(root / tokenizer, pad_token=pad)
 
 
 def write_tokenizer(folder: pathlib.Path, *, pad_token: str = _EOS) -> dict[str, int]:
@@ -245,7 +286,7 @@ def _torch_weights(part: str, config: dict[str, Any], seed: int,
   """
   rng = np.random.default_rng([seed, list(models.PARTS).index(part)])
   params = random_params(part, config, rng)
-  if part == "text_encoder":
+  if part.startswith("text_encoder"):
     embeddings = params["text_model"]["embeddings"]["token_embedding"]
     embeddings["embedding"] = embeddings["embedding"] * np.float32(
         spec.token_embedding_std / 0.02)

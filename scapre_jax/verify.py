@@ -247,6 +247,9 @@ def run(model_path, edit_file, *, progress: Callable[[str], None] | None = None,
   prompts, guides, preserve, config, seed = _request(meta, edit_file)
   precision = edit_precision(meta, written)
   model = models.load_model(model_path)
+  if model.family not in ("sd1", "sd2"):
+    raise ValueError(f"verify recomputes SD 1.x/2.x edits; {model.path} is "
+                     f"{models.FAMILIES[model.family]}, which it does not support yet")
   if meta.get("base_fingerprint") != model.fingerprint:
     raise ValueError(
         f"edit file {edit_file} was made for the base model with UNet fingerprint "

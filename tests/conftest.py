@@ -36,24 +36,31 @@ def tiny_model(tiny_dir):
 
 @pytest.fixture
 def shared_time_embedding(monkeypatch):
-  """`run(model, params, torch_unet, sample, steps, context)`: the Flax UNet's
-  output, with `torch_unet` patched to use the Flax time embedding.
+  """`run(model, params, torch_unet, sample, steps, context, added=None)`: the
+  Flax UNet's output, with `torch_unet` patched to use the Flax time
+  embedding. `added` ({"text_embeds", "time_ids"}, SDXL) is passed on as
+  `added_cond_kwargs`, and the embedding of the time ids is handed over too.
 
-  Both libraries form the sinusoidal time embedding in float32 whatever the
+  Both libraries form the sinusoidal time embeddings in float32 whatever the
   model dtype, each with its own sin/exp; handing PyTorch the Flax values
   removes the one float32 step, so float64 UNets agree to ~1e-14.
   """
   import jax.numpy as jnp
   import numpy as np
 
-  def run(model, params, torch_unet, sample, steps, context):
+  def run(model, params, torch_unet, sample, steps, context, added=None):
     import torch
+    names = ("time_proj",) if added is None else ("time_proj", "add_time_proj")
+    added = None if added is None else {k: jnp.asarray(v) for k, v in added.items()}
     out, state = model.unet.apply(
         {"params": params}, jnp.asarray(sample), jnp.asarray(steps), jnp.asarray(context),
-        capture_intermediates=lambda m, _: m.name == "time_proj", mutable=["intermediates"])
-    [embedding] = state["intermediates"]["time_proj"]["__call__"]
-    embedding = torch.from_numpy(np.asarray(embedding, np.float64))
-    monkeypatch.setattr(torch_unet.time_proj, "forward", lambda t: embedding)
+        added, capture_intermediates=lambda m, _: m.name in names,
+        mutable=["intermediates"])
+    for name in names:
+      [embedding] = state["intermediates"][name]["__call__"]
+      embedding = torch.from_numpy(np.array(embedding, np.float64))
+      monkeypatch.setattr(getattr(torch_unet, name), "forward",
+                          lambda t, embedding=embedding: embedding)
     return np.asarray(out.sample)
 
   return run

@@ -81,7 +81,7 @@ def test_tiny_model_refuses_non_empty_directory(tmp_path):
   tiny.write_tiny_model(tmp_path / "empty")
   assert (tmp_path / "empty" / "model_index.json").is_file()
   with pytest.raises(ValueError, match="unknown variant"):
-    tiny.write_tiny_model(tmp_path / "x", variant="sdxl")
+    tiny.write_tiny_model(tmp_path / "x", variant="sd3")
 
 
 # -- loading --------------------------------------------------------------------

@@ -145,3 +145,21 @@ def test_sd15_shapes(d_out, preset, overrides, m, num_preserve):
   case = make_case(d_out + m, m=m, d_in=768, d_out=d_out, length=20,
                    num_preserve=num_preserve)
   check(case, config)
+
+
+SDXL = [
+    # (d_out, preset, overrides, m, preserve): SDXL-base's two matrix shapes,
+    # d_in 2048 (the concatenated context of both text encoders), d_out 640
+    # and 1280. The large-scale solver is left to the SD-1.5 shapes: the
+    # reference's per-row Cholesky loop takes minutes at d_in 2048.
+    (640, "scapre-small", dict(technique="tensor"), 10, 2),
+    (1280, "uce", {}, 10, 3),
+]
+
+
+@pytest.mark.parametrize("d_out,preset,overrides,m,num_preserve", SDXL)
+def test_sdxl_shapes(d_out, preset, overrides, m, num_preserve):
+  config = sj.EditConfig.preset(preset, **{**NOISY, **overrides})
+  case = make_case(d_out + m + 1, m=m, d_in=2048, d_out=d_out, length=20,
+                   num_preserve=num_preserve)
+  check(case, config)
