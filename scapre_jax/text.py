@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import warnings
 from collections.abc import Sequence
 
@@ -71,15 +72,25 @@ class EncodedRequest:
   preserve: list[str]
 
 
+def _towers(model) -> tuple:
+  """`model.text_encoders` (`models.LoadedModel`); a model object with only
+  `text_encoder`, `text_params` and `tokenizer` counts as one encoder."""
+  towers = getattr(model, "text_encoders", None)
+  if towers is None:
+    towers = (types.SimpleNamespace(part="text_encoder", module=model.text_encoder,
+                                    params=model.text_params, tokenizer=model.tokenizer),)
+  return tuple(towers)
+
+
 def sequence_length(model) -> int:
   """Padded prompt length: the tokenizer's `model_max_length` (77 for SD),
   the same for every tokenizer of the model."""
-  lengths = {int(t.tokenizer.model_max_length) for t in model.text_encoders}
+  lengths = {int(t.tokenizer.model_max_length) for t in _towers(model)}
   if len(lengths) != 1:
     raise ValueError(f"the model's tokenizers pad to different lengths {sorted(lengths)}; "
                      "their contexts cannot be concatenated")
   [length] = lengths
-  for t in model.text_encoders:
+  for t in _towers(model):
     positions = getattr(t.module.config, "max_position_embeddings", length)
     if not 2 < length <= positions:
       raise ValueError(
@@ -94,16 +105,16 @@ def tokenize_model(model, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarra
   (n,). SDXL's tokenizers differ only in their padding token, so each prompt
   has one n(p); tokenizers that disagree on it raise ValueError."""
   length = sequence_length(model)
-  tokenized = [tokenize(t.tokenizer, prompts, max_length=length)
-               for t in model.text_encoders]
+  towers = _towers(model)
+  tokenized = [tokenize(t.tokenizer, prompts, max_length=length) for t in towers]
   lengths = tokenized[0][1]
-  for t, (_, other) in zip(model.text_encoders[1:], tokenized[1:]):
+  for t, (_, other) in zip(towers[1:], tokenized[1:]):
     differ = np.flatnonzero(other != lengths)
     if differ.size:
       i = int(differ[0])
       raise ValueError(
           f"{t.part}'s tokenizer splits {prompts[i]!r} into {other[i]} tokens, "
-          f"{model.text_encoders[0].part}'s into {lengths[i]}: the token positions "
+          f"{towers[0].part}'s into {lengths[i]}: the token positions "
           "of the edit need tokenizers with one vocabulary")
   return np.stack([ids for ids, _ in tokenized], axis=1), lengths
 
@@ -181,7 +192,7 @@ def encode_ids(model, input_ids: np.ndarray, *, batch_size: int = 16) -> np.ndar
   input_ids = np.asarray(input_ids)
   if input_ids.ndim == 2:
     input_ids = input_ids[:, None]
-  towers = model.text_encoders
+  towers = _towers(model)
   if input_ids.ndim != 3 or input_ids.shape[1] != len(towers):
     raise ValueError(f"token ids must be (n, L) or (n, {len(towers)}, L) for this "
                      f"model's {len(towers)} text encoder(s), got {input_ids.shape}")
@@ -194,7 +205,7 @@ def encode_ids(model, input_ids: np.ndarray, *, batch_size: int = 16) -> np.ndar
   ids = np.concatenate([input_ids, np.repeat(input_ids[:1], padded - n, axis=0)])
   out = [np.concatenate([
       np.asarray(_run_encoder(t.module, t.params, jnp.asarray(ids[i:i + size, k]),
-                              layer=model.context_layer))
+                              layer=getattr(model, "context_layer", "last")))
       for k, t in enumerate(towers)], axis=-1) for i in range(0, padded, size)]
   return np.concatenate(out)[:n]
 
