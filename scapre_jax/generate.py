@@ -1,7 +1,8 @@
 """Before/after images of an edit: the original and the edited UNet, same seed.
 
-Sampling is diffusers' `FlaxStableDiffusionPipeline`, built from our loaded
-modules and params (no safety checker). Its denoising loop is jitted once per
+Sampling is diffusers' `FlaxStableDiffusionPipeline` (SDXL:
+`FlaxStableDiffusionXLPipeline`), built from our loaded modules and params
+(no safety checker). Its denoising loop is jitted once per
 model config, sampler, image size, step count and batch, and serves both
 columns and later calls: the edited UNet is only other params in one tree.
 """
@@ -33,6 +34,7 @@ with warnings.catch_warnings():
   warnings.filterwarnings("ignore", ".*classes are deprecated", FutureWarning)
   import diffusers
   from diffusers import FlaxStableDiffusionPipeline
+  from diffusers import FlaxStableDiffusionXLPipeline
   from diffusers.pipelines.stable_diffusion import pipeline_flax_stable_diffusion
 
 # Flax schedulers whose integer timesteps and step(state, eps, t, x) the
@@ -66,6 +68,9 @@ def generate_grid(model_path, prompts: Sequence[str], *, edit_file=None,
   # The edit file first: a wrong or corrupt file fails before the model loads.
   edit = io.read_edit_file(edit_file) if edit_file is not None else None
   model = models.load_model(model_path, dtype=dtype)
+  if model.family not in PIPELINES:
+    raise ValueError(f"generate renders SD 1.x, SD 2.x and SDXL; {model.path} is "
+                     f"{models.FAMILIES[model.family]}, which has no Flax pipeline")
   unet_variants = [model.unet_params]
   if edit is not None:
     kernels, meta = edit
@@ -75,14 +80,22 @@ def generate_grid(model_path, prompts: Sequence[str], *, edit_file=None,
   _, vae_params, vae_config = load_vae(model.path, dtype=dtype)
   scheduler_config = read_scheduler_config(model.path)
   size = _image_size(size, model.unet_config, vae_config)
-  pipe = _pipeline(json.dumps(model.unet_config, sort_keys=True),
+  pipe = _pipeline(model.family, json.dumps(model.unet_config, sort_keys=True),
                    json.dumps(vae_config, sort_keys=True),
-                   model.text_encoder.config.to_json_string(),
+                   tuple(t.module.config.to_json_string() for t in model.text_encoders),
                    json.dumps(scheduler_config, sort_keys=True), dtype)
 
-  length = text.sequence_length(model)
-  ids, _ = text.tokenize(model.tokenizer, prompts, max_length=length)
-  empty, _ = text.tokenize(model.tokenizer, [""], max_length=length)
+  # SD: ids (n, L); SDXL: (n, 2, L), one row per tokenizer, as the pipeline's
+  # prepare_inputs stacks them.
+  ids, _ = text.tokenize_model(model, prompts)
+  empty, _ = text.tokenize_model(model, [""])
+  if model.family == "sdxl":
+    # StableDiffusionXLPipeline's force_zeros_for_empty_prompt: the
+    # unconditional branch is a zero context and zero pooled embedding,
+    # which the Flax pipeline builds when it gets no negative ids.
+    empty = None
+  else:
+    ids, empty = ids[:, 0], empty[:, 0]
   scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
   latent_shape = (model.unet_config.get("in_channels", 4), size // scale, size // scale)
   keys = jax.random.split(jax.random.key(seed), len(prompts))
@@ -94,12 +107,14 @@ def generate_grid(model_path, prompts: Sequence[str], *, edit_file=None,
   padded = -(-n // batch) * batch
   ids = np.concatenate([ids, np.repeat(ids[:1], padded - n, axis=0)])
   latents = np.concatenate([latents, np.repeat(latents[:1], padded - n, axis=0)])
-  empty = np.repeat(empty, batch, axis=0)
+  if empty is not None:
+    empty = np.repeat(empty, batch, axis=0)
 
   columns = []
   for column, unet_params in zip(COLUMNS, unet_variants):
-    params = {"unet": unet_params, "vae": vae_params, "text_encoder": model.text_params,
-              "scheduler": pipe.scheduler.create_state()}
+    params = {"unet": unet_params, "vae": vae_params,
+              "scheduler": pipe.scheduler.create_state(),
+              **{t.part: t.params for t in model.text_encoders}}
     images = np.concatenate([
         np.asarray(_render(pipe, params, ids[i:i + batch], empty,
                            latents[i:i + batch], float(guidance),
@@ -195,26 +210,39 @@ def make_scheduler(config: dict[str, Any]):
       {k: v for k, v in config.items() if k in known})
 
 
+# The Flax pipeline of each family generate renders.
+PIPELINES = {"sd1": "FlaxStableDiffusionPipeline", "sd2": "FlaxStableDiffusionPipeline",
+             "sdxl": "FlaxStableDiffusionXLPipeline"}
+
+
 @functools.lru_cache(maxsize=4)
-def _pipeline(unet_json: str, vae_json: str, text_json: str, scheduler_json: str,
-              dtype: str) -> FlaxStableDiffusionPipeline:
-  """The pipeline of these configs (JSON strings, so they hash). Equal
-  configs give the same object, which `_render` takes as its static key."""
-  scheduler = make_scheduler(json.loads(scheduler_json))
+def _pipeline(family: str, unet_json: str, vae_json: str, text_json: tuple[str, ...],
+              scheduler_json: str, dtype: str):
+  """The pipeline of these configs (JSON strings, so they hash; one per text
+  encoder). Equal configs give the same object, which `_render` takes as its
+  static key."""
+  common = dict(vae=models.build("vae", json.loads(vae_json), dtype=dtype),
+                unet=models.build("unet", json.loads(unet_json), dtype=dtype),
+                scheduler=make_scheduler(json.loads(scheduler_json)),
+                dtype=models.jax_dtype(dtype))
+  encoders = [models.build(part, json.loads(config), dtype=dtype)
+              for part, config in zip(models.TEXT_PARTS, text_json)]
+  # We tokenize; the loop then bakes in no tokenizer.
+  if family == "sdxl":
+    return FlaxStableDiffusionXLPipeline(
+        text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=None,
+        tokenizer_2=None, **common)
   with _quiet(pipeline_flax_stable_diffusion.__name__):
     return FlaxStableDiffusionPipeline(
-        vae=models.build("vae", json.loads(vae_json), dtype=dtype),
-        text_encoder=models.build("text_encoder", json.loads(text_json), dtype=dtype),
-        tokenizer=None,  # we tokenize; the loop then bakes in no tokenizer
-        unet=models.build("unet", json.loads(unet_json), dtype=dtype),
-        scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        dtype=models.jax_dtype(dtype))
+        text_encoder=encoders[0], tokenizer=None, safety_checker=None,
+        feature_extractor=None, **common)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("steps", "size"))
 def _render(pipe, params, prompt_ids, empty_ids, latents, guidance, *, steps, size):
-  """Images (B, size, size, 3) in [0, 1] of prompt ids (B, L) from initial
-  noise `latents` (B, C, h, w), classifier-free guided towards "" ids (B, L)."""
+  """Images (B, size, size, 3) in [0, 1] of prompt ids (B, L) (SDXL: (B, 2, L))
+  from initial noise `latents` (B, C, h, w), classifier-free guided towards
+  "" ids (B, L), or for SDXL (`empty_ids` None) towards a zero context."""
   # `_generate` is the pipeline's whole sampler; its public __call__ either
   # pmaps over every device or runs eagerly (and then broadcasts a float
   # guidance scale wrongly), so it is jitted here instead.

@@ -258,3 +258,28 @@ def test_full_folder_generates_in_pytorch_pipeline(erased):
   images = pipe("a photo of a parachute", num_inference_steps=2, output_type="np",
                 generator=torch.Generator().manual_seed(0)).images
   assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+
+
+# -- generate -------------------------------------------------------------------------
+
+
+def test_generate_before_and_after_grid(sdxl_dir, erased, tmp_path):
+  from scapre_jax import generate
+
+  prompts = ["a photo of a parachute", "a city street"]
+  with pytest.warns(UserWarning, match="FlaxDDIMScheduler"):  # SDXL's Euler has no Flax loop
+    grid = generate.generate_grid(sdxl_dir, prompts, steps=2, seed=0,
+                                  edit_file=erased / "edit.safetensors")
+  size = 16  # sample_size 8 * VAE scale factor 2
+  assert grid.dtype == np.uint8 and grid.shape == (2 * size, 2 * size, 3)
+  assert grid.std() > 0
+  # Zero unconditional context (force_zeros_for_empty_prompt) and the same noise:
+  # the edited UNet changes the parachute image.
+  assert not np.array_equal(grid[:size, :size], grid[:size, size:])
+  out = tmp_path / "grid.png"
+  # The CLI renders the same grid (the cached pipeline: no second warning).
+  assert cli.main(["generate", "--model", str(sdxl_dir), "--edit",
+                   str(erased / "edit.safetensors"), "--prompts", ";".join(prompts),
+                   "--steps", "2", "--out", str(out)]) == 0
+  from PIL import Image
+  np.testing.assert_array_equal(np.asarray(Image.open(out)), grid)
