@@ -265,13 +265,15 @@ def _erase(args, stop) -> int:
                or os.environ.get("JAX_COORDINATOR_ADDRESS"))
   # A multi-host run's processes lock their own shares once JAX knows them.
   with (contextlib.nullcontext() if multi else outputs.lock(out)):
+    from scapre_jax import cache, console
+    console.quiet_library_logs()
     from scapre_jax import erase
     if multi:
       import jax
       jax.distributed.initialize(coordinator_address=args.coordinator,
                                  num_processes=args.num_processes,
                                  process_id=args.process_id)
-    erase.enable_compile_cache(args.compile_cache)
+    cache.enable_compile_cache(args.compile_cache)
     job = erase.EraseJob(
         sets=sets, out=out, model=args.model, single=single,
         full=args.full, orbax=args.orbax, seed=args.seed, dtype=args.dtype,
@@ -282,7 +284,7 @@ def _erase(args, stop) -> int:
     def progress(message: str) -> None:
       stop()  # a Ctrl-C that JAX swallowed stops the run here
       if not (args.quiet or args.json):
-        erase._stderr(message)
+        console.say(message)
 
     summary = erase.run(job, progress=progress)
     stop()
@@ -390,12 +392,30 @@ def _inspect_lines(file, kernels, meta) -> list[str]:
 def _verify(args) -> int:
   import jax
   jax.config.update("jax_enable_x64", True)  # the reference's float64 and the UNet check
-  from scapre_jax import erase, verify
-  model = args.model if args.model is not None else erase.ensure_tiny_model()
+  from scapre_jax import console
+  console.quiet_library_logs()
+  from scapre_jax import tiny, verify
+  model = args.model if args.model is not None else tiny.ensure_tiny_model()
   result = verify.run(model, args.edit, unet=not args.no_unet,
-                      progress=None if args.quiet else erase._stderr)
+                      progress=None if args.quiet else console.say)
   print(verify.format_result(result, args.edit))
   return 0 if result.ok else 1
+
+
+def _generate(args) -> int:
+  prompts = tuple(p.strip() for p in args.prompts.split(";") if p.strip())
+  from scapre_jax import cache, console, outputs
+  # What the output check can tell without the model, before its code loads.
+  outputs.check_output(args.out, args.overwrite,
+                       [p for p in (args.model, args.edit) if p and os.path.exists(p)])
+  console.quiet_library_logs()
+  from scapre_jax import generate
+  cache.enable_compile_cache(args.compile_cache)
+  print(generate.run(generate.GenerateConfig(
+      prompts=prompts, out=pathlib.Path(args.out), model=args.model, edit=args.edit,
+      steps=args.steps, seed=args.seed, guidance=args.guidance, size=args.size,
+      overwrite=args.overwrite)))
+  return 0
 
 
 def main(argv=None) -> int:
@@ -440,12 +460,20 @@ def main(argv=None) -> int:
 
 
 def _command(args, stop) -> int:
+  if args.command == "erase":
+    return _erase(args, stop)  # checks its arguments before loading model code
+  if args.command == "inspect":
+    return _inspect(args)  # reads one file: no model code
+  if args.command == "verify":
+    return _verify(args)
+  if args.command == "generate":
+    return _generate(args)
+  from scapre_jax import console
+  console.quiet_library_logs()
   if args.command == "tiny":
     from scapre_jax import tiny
     print(tiny.write_tiny_model(args.dir, seed=args.seed, variant=args.variant))
     return 0
-  if args.command == "erase":
-    return _erase(args, stop)
   if args.command == "apply":
     from scapre_jax import io, single_file
     if single_file.is_single_file(args.model):
@@ -465,15 +493,6 @@ def _command(args, stop) -> int:
       if args.config or args.tokenizer:
         raise ValueError("--config and --tokenizer apply when SRC is a single file")
       print(single_file.folder_to_file(args.src, args.dst, overwrite=args.overwrite))
-    return 0
-  if args.command == "inspect":
-    return _inspect(args)
-  if args.command == "verify":
-    return _verify(args)
-  if args.command == "generate":
-    from scapre_jax import erase, generate
-    erase.enable_compile_cache(args.compile_cache)
-    print(generate.run_cli(args))
     return 0
   raise AssertionError(args.command)
 

@@ -29,11 +29,8 @@ from scapre_jax._src import probes, solvers, spectral, targets
 from scapre_jax.config import EditConfig
 from scapre_jax.inputs import ConceptInputs
 from scapre_jax import precision
+from scapre_jax.errors import NonFiniteWeightsError
 from scapre_jax.precision import compute_dtype
-
-
-class NonFiniteWeightsError(ValueError):
-  """The edit produced NaN or infinite weights; nothing should be saved."""
 
 
 def _name_hash(name: str) -> int:

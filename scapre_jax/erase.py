@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
-import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -22,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from scapre_jax import io, metrics, models, outputs, sharding, text, tiny
+from scapre_jax import console, io, metrics, models, outputs, sharding, text, tiny
 from scapre_jax import precision as precision_lib
 from scapre_jax.config import EditConfig
 from scapre_jax.requests import ConceptSet
@@ -147,65 +145,10 @@ class EraseJob:
             self.out / f"{concept_set.name}.json")
 
 
-def cache_home() -> pathlib.Path:
-  """$SCAPRE_JAX_HOME, else $XDG_CACHE_HOME/scapre-jax (~/.cache by default)."""
-  home = os.environ.get("SCAPRE_JAX_HOME")
-  if home:
-    return pathlib.Path(home)
-  cache = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-  return pathlib.Path(cache) / "scapre-jax"
-
-
-# The built-in model: tiny, random, with SD 1.x's 768-wide context (see
-# tiny.TINY_CONFIGS).
-DEFAULT_TINY_VARIANT = "sd1-768"
-
-
-def default_model_dir() -> pathlib.Path:
-  """Where the built-in tiny model lives: cache_home() / "tiny-sd1-768"."""
-  return cache_home() / f"tiny-{DEFAULT_TINY_VARIANT}"
-
-
-def enable_compile_cache(path: str | os.PathLike | None = None) -> pathlib.Path | None:
-  """Turns on JAX's persistent compilation cache, so a later run with the same
-  shapes loads its programs instead of compiling them (a minute on a GPU,
-  where XLA autotunes every matrix product; see BENCHMARKS.md).
-
-  `path` None: $SCAPRE_JAX_COMPILE_CACHE, else cache_home() / "xla"; "off"
-  leaves the cache as it is. A directory the user configured in JAX already
-  wins. Returns the directory in use, or None.
-  """
-  if path is None:
-    path = os.environ.get("SCAPRE_JAX_COMPILE_CACHE") or cache_home() / "xla"
-  if str(path).lower() in ("off", "none", ""):
-    return None
-  configured = jax.config.jax_compilation_cache_dir
-  if configured:
-    return pathlib.Path(configured)
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  return pathlib.Path(path)
-
-
-def ensure_tiny_model() -> pathlib.Path:
-  """The tiny model's folder, written on first use."""
-  path = default_model_dir()
-  if not (path / "model_index.json").exists():
-    try:
-      tiny.write_tiny_model(path, variant=DEFAULT_TINY_VARIANT)
-    except (ValueError, OSError):
-      if not (path / "model_index.json").exists():  # not a concurrent writer
-        raise
-  return path
-
-
 def unrelated_prompts() -> list[str]:
   """COCO captions shipped with the package: prompts no erase should move."""
   path = pathlib.Path(__file__).parent / "data" / "coco_prompts.txt"
   return [line.strip() for line in path.read_text("utf-8").splitlines() if line.strip()]
-
-
-def _stderr(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
 
 
 def _chunks(items: Sequence, size: int):
@@ -213,7 +156,7 @@ def _chunks(items: Sequence, size: int):
     yield items[i:i + size]
 
 
-def run(job: EraseJob, *, progress: Callable[[str], None] | None = _stderr) -> dict:
+def run(job: EraseJob, *, progress: Callable[[str], None] | None = console.say) -> dict:
   """Runs the job; returns a summary {"sets": [...], "skipped": [...], ...}.
 
   In a multi-process run (`jax.distributed.initialize` done by the caller)
@@ -269,7 +212,7 @@ def _run(job: EraseJob, progress) -> dict:
     for f in job.outputs(s):
       io.check_output_path(f, overwrite=job.replaces(s), protected=job.inputs)
 
-  model_path = job.model if job.model is not None else ensure_tiny_model()
+  model_path = job.model if job.model is not None else tiny.ensure_tiny_model()
   t0 = time.perf_counter()
   model = models.load_model(model_path, dtype=job.dtype, text_dtype=job.edit_precision
                             if job.edit_precision == "float64" else None,

@@ -5,11 +5,17 @@ Sampling is diffusers' `FlaxStableDiffusionPipeline` (SDXL:
 (no safety checker). Its denoising loop is jitted once per
 model config, sampler, image size, step count and batch, and serves both
 columns and later calls: the edited UNet is only other params in one tree.
+
+Three layers: `render` (a loaded model's sampler, UNet params, prompts and
+seeds -> uint8 images), `generate_grid` (a model folder and an edit file ->
+the before/after grid) and `run(GenerateConfig)` (`scapre-jax generate`: the
+grid with its labels, written as a PNG).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import json
@@ -23,12 +29,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
-from PIL import PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-# models first: importing it installs the filter on diffusers' log handler
-# that drops the Flax deprecation lines.
-from scapre_jax import io, models, outputs, text
+from scapre_jax import io, models, outputs, text, tiny
 
 with warnings.catch_warnings():
   warnings.filterwarnings("ignore", ".*classes are deprecated", FutureWarning)
@@ -45,6 +48,74 @@ SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler")
 COLUMNS = ("before", "after")
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  """One `scapre-jax generate` run.
+
+  Attributes:
+    prompts: one grid row each.
+    out: the PNG file to write.
+    model: diffusers folder or cached Hugging Face id; None = the built-in
+      tiny model (`tiny.ensure_tiny_model`).
+    edit: an edit file made for `model`: adds the "after" column.
+    steps, seed, guidance: sampler steps, noise seed (prompt i's noise is
+      `split(key(seed), n)[i]`), classifier-free guidance scale.
+    size: image side in pixels; None = the model's.
+    dtype: the dtype the model runs in.
+    overwrite: replace an existing `out`.
+  """
+
+  prompts: tuple[str, ...]
+  out: pathlib.Path
+  model: str | None = None
+  edit: str | None = None
+  steps: int = 25
+  seed: int = 0
+  guidance: float = 7.5
+  size: int | None = None
+  dtype: str = "float32"
+  overwrite: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "prompts", tuple(_prompts(self.prompts)))
+    object.__setattr__(self, "out", pathlib.Path(self.out))
+    if self.out.suffix.lower() != ".png":
+      raise ValueError(f"--out {self.out} must name a .png file")
+    _check_positive("steps", self.steps)
+    if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
+      raise ValueError(f"--seed must be in [0, 2**32 - 1], got {self.seed!r}")
+    if not math.isfinite(self.guidance):
+      raise ValueError(f"--guidance must be finite, got {self.guidance!r}")
+    if self.size is not None:
+      _check_positive("size", self.size)
+    if self.dtype not in models.DTYPES:
+      raise ValueError(f"dtype must be one of {tuple(models.DTYPES)}, got {self.dtype!r}")
+
+
+def run(config: GenerateConfig) -> pathlib.Path:
+  """Writes the labelled before/after grid of `config` as a PNG; returns its
+  path. The output is checked before any sampling."""
+  model_path = (tiny.ensure_tiny_model() if config.model is None
+                else models.resolve(config.model))
+  protected = [model_path] + ([config.edit] if config.edit else [])
+  # Checked now so a refusal comes before minutes of sampling, and again on
+  # rename in case the file appeared meanwhile.
+  outputs.check_output(config.out, config.overwrite, protected)
+  grid = generate_grid(model_path, config.prompts, edit_file=config.edit,
+                       steps=config.steps, seed=config.seed, guidance=config.guidance,
+                       size=config.size, dtype=config.dtype)
+  columns = COLUMNS[:1 + (config.edit is not None)]
+  size = grid.shape[0] // len(config.prompts)
+  image, origin = label_grid(grid, config.prompts, columns)
+  info = {"prompts": list(config.prompts), "columns": list(columns),
+          "model": str(model_path), "edit": config.edit, "steps": config.steps,
+          "seed": config.seed, "guidance": config.guidance, "size": size,
+          "grid_origin": list(origin)}
+  write_png(config.out, image, metadata={"scapre-jax": json.dumps(info)},
+            overwrite=config.overwrite)
+  return config.out
+
+
 def generate_grid(model_path, prompts: Sequence[str], *, edit_file=None,
                   steps: int = 25, seed: int = 0, guidance: float = 7.5,
                   size: int | None = None, dtype: str = "float32",
@@ -52,39 +123,88 @@ def generate_grid(model_path, prompts: Sequence[str], *, edit_file=None,
   """Renders each prompt with the original UNet and, given `edit_file`, with
   the edited one (its kernels swapped in), from the same initial noise.
 
-  Returns the grid (len(prompts) * size, n_columns * size, 3) uint8: one row
-  per prompt, columns before[, after]. Prompt i's noise comes from key
-  `split(key(seed), n)[i]`, so an image depends neither on the other prompts
-  nor on `batch_size` (prompts per compiled call; the last batch is padded),
-  up to float rounding (one uint8 level).
-  `size` defaults to `unet sample_size * vae scale factor`. Raises ValueError
-  on an edit made for another base model and on non-finite images.
+  Returns the grid (len(prompts) * size, n_columns * size, 3) uint8, without
+  labels: one row per prompt, columns before[, after] (`render` of each).
+  Raises ValueError on an edit made for another base model and on
+  non-finite images.
   """
   prompts = _prompts(prompts)
-  if not isinstance(steps, int) or steps < 1:
-    raise ValueError(f"steps must be a positive int, got {steps!r}")
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  _check_positive("steps", steps)
+  _check_positive("batch_size", batch_size)
   # The edit file first: a wrong or corrupt file fails before the model loads.
   edit = io.read_edit_file(edit_file) if edit_file is not None else None
   model = models.load_model(model_path, dtype=dtype)
-  if model.family not in PIPELINES:
-    raise ValueError(f"generate renders SD 1.x, SD 2.x and SDXL; {model.path} is "
-                     f"{models.FAMILIES[model.family]}, which has no Flax pipeline")
+  sampling = sampler(model, size=size)  # refuses a family with no Flax pipeline
   unet_variants = [model.unet_params]
   if edit is not None:
     kernels, meta = edit
-    _check_fingerprint(edit_file, meta, model)
+    io.check_fingerprint(edit_file, meta, model.fingerprint, model.path, action="render")
     unet_variants.append(models.replace_kernels(model.unet_params, kernels))
+  columns = [render(sampling, unet_params, prompts, seeds=seed, steps=steps,
+                    guidance=guidance, batch_size=batch_size, label=column)
+             for column, unet_params in zip(COLUMNS, unet_variants)]
+  n, size = len(prompts), sampling.size
+  # (column, row, y, x, rgb) -> (row * y, column * x, rgb)
+  return np.stack(columns).transpose(1, 2, 0, 3, 4).reshape(
+      n * size, len(columns) * size, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """What `render` needs of a model besides the UNet params: the pipeline
+  (its VAE, text encoder and scheduler modules), the VAE params and the
+  image size. Build it with `sampler`."""
+
+  model: models.LoadedModel
+  pipe: Any  # FlaxStableDiffusionPipeline
+  vae_params: dict[str, Any]
+  vae_config: dict[str, Any]
+  size: int
+
+
+def sampler(model: models.LoadedModel, *, size: int | None = None) -> Sampler:
+  """The `Sampler` of a loaded diffusers-folder model, in its dtype; `size`
+  (pixels) defaults to `unet sample_size * vae scale factor`."""
+  if model.family not in PIPELINES:
+    raise ValueError(f"generate renders SD 1.x, SD 2.x and SDXL; {model.path} is "
+                     f"{models.FAMILIES[model.family]}, which has no Flax pipeline")
   # The module is dropped: the cached pipeline holds an equal one.
-  _, vae_params, vae_config = load_vae(model.path, dtype=dtype)
+  _, vae_params, vae_config = load_vae(model.path, dtype=model.dtype)
   scheduler_config = read_scheduler_config(model.path)
   size = _image_size(size, model.unet_config, vae_config)
   pipe = _pipeline(model.family, json.dumps(model.unet_config, sort_keys=True),
                    json.dumps(vae_config, sort_keys=True),
                    tuple(t.module.config.to_json_string() for t in model.text_encoders),
-                   json.dumps(scheduler_config, sort_keys=True), dtype)
+                   json.dumps(scheduler_config, sort_keys=True), model.dtype)
+  return Sampler(model=model, pipe=pipe, vae_params=vae_params, vae_config=vae_config,
+                 size=size)
 
+
+def render(sampling: Sampler, unet_params, prompts: Sequence[str], *,
+           seeds: int | Sequence[int] = 0, steps: int = 25, guidance: float = 7.5,
+           batch_size: int = 4, label: str = "") -> np.ndarray:
+  """Images (len(prompts), size, size, 3) uint8 of `prompts` with the UNet
+  `unet_params` (the model's own, or edited ones of the same shapes).
+
+  `seeds` an int: prompt i's initial noise comes from key
+  `split(key(seeds), n)[i]`; a sequence: from `key(seeds[i])`. Either way an
+  image depends neither on the other prompts nor on `batch_size` (prompts
+  per compiled call; the last batch is padded), up to float rounding (one
+  uint8 level). Raises ValueError, naming the prompts (and `label`, e.g.
+  "after"), if an image is not finite.
+  """
+  prompts = _prompts(prompts)
+  _check_positive("steps", steps)
+  _check_positive("batch_size", batch_size)
+  model, pipe, size = sampling.model, sampling.pipe, sampling.size
+  n = len(prompts)
+  if isinstance(seeds, int):
+    keys = jax.random.split(jax.random.key(seeds), n)
+  else:
+    seeds = list(seeds)
+    if len(seeds) != n or not all(isinstance(s, int) and 0 <= s < 2 ** 32 for s in seeds):
+      raise ValueError(f"seeds must be one int or {n} ints in [0, 2**32 - 1], got {seeds!r}")
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
   # SD: ids (n, L); SDXL: (n, 2, L), one row per tokenizer, as the pipeline's
   # prepare_inputs stacks them.
   ids, _ = text.tokenize_model(model, prompts)
@@ -96,71 +216,87 @@ def generate_grid(model_path, prompts: Sequence[str], *, edit_file=None,
     empty = None
   else:
     ids, empty = ids[:, 0], empty[:, 0]
-  scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+  scale = 2 ** (len(sampling.vae_config["block_out_channels"]) - 1)
   latent_shape = (model.unet_config.get("in_channels", 4), size // scale, size // scale)
-  keys = jax.random.split(jax.random.key(seed), len(prompts))
   latents = np.asarray(jax.vmap(
       lambda k: jax.random.normal(k, latent_shape, jnp.float32))(keys))
 
-  n = len(prompts)
   batch = min(batch_size, 1 << (n - 1).bit_length())
   padded = -(-n // batch) * batch
   ids = np.concatenate([ids, np.repeat(ids[:1], padded - n, axis=0)])
   latents = np.concatenate([latents, np.repeat(latents[:1], padded - n, axis=0)])
   if empty is not None:
     empty = np.repeat(empty, batch, axis=0)
-
-  columns = []
-  for column, unet_params in zip(COLUMNS, unet_variants):
-    params = {"unet": unet_params, "vae": vae_params,
-              "scheduler": pipe.scheduler.create_state(),
-              **{t.part: t.params for t in model.text_encoders}}
-    images = np.concatenate([
-        np.asarray(_render(pipe, params, ids[i:i + batch], empty,
-                           latents[i:i + batch], float(guidance),
-                           steps=steps, size=size), np.float32)
-        for i in range(0, padded, batch)])[:n]  # (n, size, size, 3) in [0, 1]
-    bad = [p for p, image in zip(prompts, images) if not np.isfinite(image).all()]
-    if bad:
-      raise ValueError(
-          f"the {column} image of {len(bad)} prompt(s) is not finite (NaN or inf "
-          f"pixels; numerical overflow in {dtype}?): {', '.join(map(repr, bad[:5]))}")
-    columns.append(images)
-  # (column, row, y, x, rgb) -> (row * y, column * x, rgb)
-  grid = np.stack(columns).transpose(1, 2, 0, 3, 4).reshape(
-      n * size, len(columns) * size, 3)
-  return (grid * 255).round().astype(np.uint8)
+  params = {"unet": unet_params, "vae": sampling.vae_params,
+            "scheduler": pipe.scheduler.create_state(),
+            **{t.part: t.params for t in model.text_encoders}}
+  images = np.concatenate([
+      np.asarray(_render(pipe, params, ids[i:i + batch], empty,
+                         latents[i:i + batch], float(guidance),
+                         steps=steps, size=size), np.float32)
+      for i in range(0, padded, batch)])[:n]  # (n, size, size, 3) in [0, 1]
+  bad = [p for p, image in zip(prompts, images) if not np.isfinite(image).all()]
+  if bad:
+    raise ValueError(
+        f"the {label + ' ' if label else ''}image of {len(bad)} prompt(s) is not finite "
+        f"(NaN or inf pixels; numerical overflow in {model.dtype}?): "
+        f"{', '.join(map(repr, bad[:5]))}")
+  return (images * 255).round().astype(np.uint8)
 
 
-def run_cli(args) -> pathlib.Path:
-  """`scapre-jax generate`: writes the before/after grid of `args.prompts`
-  (';'-separated) as the PNG `args.out` and returns its path."""
-  out = pathlib.Path(args.out)
-  if out.suffix.lower() != ".png":
-    raise ValueError(f"--out {out} must name a .png file")
-  prompts = [p.strip() for p in args.prompts.split(";") if p.strip()]
-  if args.model is None:
-    from scapre_jax import erase
-    model_path = erase.ensure_tiny_model()
-  else:
-    model_path = models.resolve(args.model)
-  protected = [model_path] + ([args.edit] if args.edit else [])
-  # Checked now so a refusal comes before minutes of sampling, and again on
-  # rename in case the file appeared meanwhile.
-  io.check_output_path(out, overwrite=args.overwrite, protected=protected)
-  grid = generate_grid(model_path, prompts, edit_file=args.edit, steps=args.steps,
-                       seed=args.seed, guidance=args.guidance, size=args.size)
-  info = {"prompts": prompts, "columns": list(COLUMNS[:1 + (args.edit is not None)]),
-          "model": str(model_path), "edit": args.edit, "steps": args.steps,
-          "seed": args.seed, "guidance": args.guidance, "size": grid.shape[0] // len(prompts)}
-  write_png(out, grid, metadata={"scapre-jax": json.dumps(info)}, overwrite=args.overwrite)
-  return out
+def label_grid(grid: np.ndarray, prompts: Sequence[str],
+               columns: Sequence[str]) -> tuple[np.ndarray, tuple[int, int]]:
+  """The grid (rows * size, len(columns) * size, 3) uint8 with a white
+  header naming each column and a white margin giving each row's prompt
+  (cut with "..." past four image widths). Returns (image, (x, y)): where
+  the grid's top-left pixel lies in it; the grid's pixels are unchanged.
+  Names wider than an image (a tiny model's) are staggered, and the image is
+  then widened on the right, in white, to fit them."""
+  grid = np.asarray(grid)
+  rows, cols = len(prompts), len(columns)
+  if grid.dtype != np.uint8 or grid.ndim != 3 or grid.shape[0] % max(rows, 1) or (
+      grid.shape[1] != cols * (grid.shape[0] // max(rows, 1))):
+    raise ValueError(f"expected a ({rows} * size, {cols} * size, 3) uint8 grid, got "
+                     f"{grid.dtype} {grid.shape}")
+  size = grid.shape[0] // rows
+  font = ImageFont.load_default(size=max(10, size // 20))
+  measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+  def width(s: str) -> int:
+    return math.ceil(measure.textlength(s, font=font))
+
+  limit = 4 * size
+  labels = []
+  for prompt in prompts:
+    label = prompt
+    while width(label) > limit and len(label) > 1:
+      label = label[:-4].rstrip() + "..." if len(label) > 4 else label[:-1]
+    labels.append(label)
+  pad = max(2, size // 32)
+  line = font.getbbox("Ag")[3] + 2 * pad
+  x0 = max(width(s) for s in labels) + 2 * pad
+  # Names wider than an image (a tiny model's) go on lines of their own.
+  stagger = any(width(name) > size for name in columns)
+  y0 = line * (cols if stagger else 1)
+  right = max([grid.shape[1]] + [j * size + width(name) + pad
+                                  for j, name in enumerate(columns)])
+  image = Image.new("RGB", (x0 + right, y0 + grid.shape[0]), "white")
+  image.paste(Image.fromarray(grid, "RGB"), (x0, y0))
+  draw = ImageDraw.Draw(image)
+  for j, name in enumerate(columns):
+    x = x0 + j * size + (0 if stagger else (size - width(name)) // 2)
+    draw.text((x, pad + (j * line if stagger else 0)), name, fill="black", font=font)
+  for i, label in enumerate(labels):
+    draw.text((pad, y0 + i * size + max(0, (size - line) // 2) + pad), label,
+              fill="black", font=font)
+  return np.asarray(image), (x0, y0)
 
 
 def write_png(path, image: np.ndarray, *, metadata: dict[str, str] | None = None,
               overwrite: bool = False) -> pathlib.Path:
   """Writes an (H, W, 3) uint8 image as PNG, with `metadata` as text chunks,
-  atomically (temp file in the same folder + rename)."""
+  atomically (`outputs.atomic_file`: temp file in the same folder + rename,
+  the mode a plain open() would give)."""
   path = pathlib.Path(path)
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
@@ -279,15 +415,9 @@ def _prompts(prompts) -> list[str]:
   return prompts
 
 
-def _check_fingerprint(edit_file, meta: dict, model) -> None:
-  expected = meta.get("base_fingerprint")
-  if not expected:
-    raise ValueError(f"edit file {edit_file} records no base_fingerprint")
-  if expected != model.fingerprint:
-    raise ValueError(
-        f"edit file {edit_file} was made for the base model with UNet fingerprint "
-        f"{expected}, but {model.path} has fingerprint {model.fingerprint}; "
-        "refusing to render it")
+def _check_positive(name: str, value) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _image_size(size, unet_config: dict, vae_config: dict) -> int:

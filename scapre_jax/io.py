@@ -16,6 +16,9 @@ anything touches the disk; output goes to a temporary name in the target's
 directory and is renamed into place, so a crash never leaves half a file; the
 source model is never overwritten (an output equal to, inside or containing
 it is refused); an existing output is replaced only with `overwrite=True`.
+
+Reading edit files needs no model code and no JAX (`scapre-jax inspect` is
+quick): `models`, Flax and orbax are imported by the functions that use them.
 """
 
 from __future__ import annotations
@@ -28,16 +31,14 @@ import shutil
 import warnings
 from collections.abc import Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
 
 import convert
-from scapre_jax import models, outputs
+from scapre_jax import outputs
 from scapre_jax.config import EditConfig
-from scapre_jax.edit import NonFiniteWeightsError
+from scapre_jax.errors import NonFiniteWeightsError
 from scapre_jax.outputs import OutputExistsError  # noqa: F401  (re-exported)
 
 # The matrices an edit file may hold: cross-attention key/value projections.
@@ -48,8 +49,6 @@ UNET_SAFETENSORS = "diffusion_pytorch_model.safetensors"
 _JSON_KEYS = "scapre_jax.json_keys"
 _WEIGHT_SUFFIXES = (".safetensors", ".msgpack", ".bin", ".ckpt", ".pt", ".pth")
 PathLike = str | os.PathLike
-
-
 
 
 # -- edit files ---------------------------------------------------------------
@@ -108,7 +107,7 @@ def write_edit_file(path: PathLike, kernels: Mapping[str, object], *,
       "dtype": ",".join(sorted({str(a.dtype) for a in arrays.values()})),
       _JSON_KEYS: json.dumps(sorted(json_keys)),
   })
-  tensors = {models.torch_name(p): np.ascontiguousarray(a.T) for p, a in arrays.items()}
+  tensors = {convert.UNET.torch_name(p): np.ascontiguousarray(a.T) for p, a in arrays.items()}
   if ldm_names is not None:
     tensors = {ldm_names[n]: a for n, a in tensors.items()}
     encoded["ldm_names"] = json.dumps({ldm_names[n]: n for n in sorted(ldm_names)
@@ -141,7 +140,7 @@ def read_edit_file(path: PathLike) -> tuple[dict[str, np.ndarray], dict]:
     raise ValueError(f"edit file {path} has corrupt metadata: {err}") from None
   kernels = {}
   for name, array in tensors.items():
-    flax = models.flax_path(renames.get(name, name))
+    flax = convert.UNET.flax_path(renames.get(name, name))
     if not EDIT_PATH.fullmatch(flax) or array.ndim != 2:
       raise ValueError(f"edit file {path} holds {name!r} {array.shape}, not a "
                        "cross-attention to_k/to_v weight (d_out, d_in)")
@@ -185,6 +184,7 @@ def write_model_folder(src_root: PathLike, out_root: PathLike,
   Other UNet weight files (another variant, pickles) are left out with a
   warning, so no unedited copy of the UNet survives in the output.
   """
+  from scapre_jax import models
   src = models.resolve(src_root)
   out = pathlib.Path(out_root)
   outputs.check_output(out, overwrite, protected=[src])
@@ -266,7 +266,7 @@ def _index_for(unet: pathlib.Path, files) -> list[str]:
 
 def _from_safetensors(files, arrays):
   """({file name: (tensors, metadata)} to rewrite, [file names to copy])."""
-  pending = {models.torch_name(p): a.T for p, a in arrays.items()}
+  pending = {convert.UNET.torch_name(p): a.T for p, a in arrays.items()}
   written, kept = {}, []
   for file in files:
     try:
@@ -289,11 +289,10 @@ def _from_safetensors(files, arrays):
 
 
 def _from_msgpack(src, file, arrays):
+  from scapre_jax import models
   config = json.loads((src / "unet" / "config.json").read_text())
   expected = models.abstract_params("unet", config)
-  tree = models.read_msgpack(file)
-  if set(tree) == {"params"}:
-    tree = tree["params"]
+  tree = read_msgpack(file)
   flat = convert.flatten(convert.check(tree, expected, "unet"))
   unknown = sorted(set(arrays) - set(flat))
   if unknown:
@@ -326,20 +325,43 @@ def apply_edit(model_root: PathLike, edit_file: PathLike, out_root: PathLike, *,
   if pathlib.Path(model_root).expanduser().is_file():
     from scapre_jax import single_file
     return single_file.apply_edit(model_root, edit_file, out_root, overwrite=overwrite)
+  from scapre_jax import models
   src = models.resolve(model_root)
   out = pathlib.Path(out_root)
   outputs.check_output(out, overwrite, protected=[src, edit_file])
   kernels, meta = read_edit_file(edit_file)
+  _, files = models.weight_files(src, "unet")
+  check_fingerprint(edit_file, meta, models.fingerprint(files), src)
+  return write_model_folder(src, out, kernels, overwrite=overwrite)
+
+
+def check_fingerprint(edit_file: PathLike, meta: Mapping[str, object], actual: str,
+                      model: PathLike, *, action: str = "apply") -> None:
+  """Refuses (ValueError) an edit file whose metadata `meta` records no
+  `base_fingerprint`, or one other than `actual`, the fingerprint of `model`
+  (`LoadedModel.fingerprint`: the sha256 of its UNet weight files, or of
+  the single file). `action` names the refused use in the message."""
   expected = meta.get("base_fingerprint")
   if not expected:
     raise ValueError(f"edit file {edit_file} records no base_fingerprint")
-  _, files = models.weight_files(src, "unet")
-  actual = models.fingerprint(files)
-  if actual != expected:
+  if expected != actual:
     raise ValueError(
-        f"edit file {edit_file} was made for the base model with UNet fingerprint "
-        f"{expected}, but {src} has fingerprint {actual}; refusing to apply it")
-  return write_model_folder(src, out, kernels, overwrite=overwrite)
+        f"edit file {edit_file} was made for the base model with fingerprint "
+        f"{expected}, but {model} has fingerprint {actual}; refusing to {action} it")
+
+
+def read_msgpack(file: PathLike) -> dict:
+  """The param tree of a Flax msgpack weights file, without the top-level
+  {"params": ...} wrapper some writers add."""
+  from flax import serialization
+  file = pathlib.Path(file)
+  try:
+    tree = serialization.msgpack_restore(file.read_bytes())
+  except Exception as err:  # msgpack raises several unrelated types
+    raise ValueError(f"cannot read {file} (corrupt or truncated msgpack?): {err}") from None
+  if isinstance(tree, dict) and set(tree) == {"params"}:
+    tree = tree["params"]
+  return tree
 
 
 # -- orbax --------------------------------------------------------------------
@@ -385,8 +407,9 @@ def read_orbax(path: PathLike):
 
 
 def _is_float(a) -> bool:
-  # jnp.issubdtype also knows bfloat16, which numpy does not call floating.
-  return jnp.issubdtype(getattr(a, "dtype", np.asarray(a).dtype), jnp.floating)
+  dtype = np.dtype(a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype)
+  # bfloat16 (ml_dtypes) is a float that numpy does not call floating.
+  return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
 
 
 def edit_kernels(kernels: Mapping[str, object]) -> dict[str, np.ndarray]:
@@ -398,7 +421,7 @@ def edit_kernels(kernels: Mapping[str, object]) -> dict[str, np.ndarray]:
     if not EDIT_PATH.fullmatch(path):
       raise ValueError(f"{path!r} is not a cross-attention to_k/to_v kernel path "
                        "(.../attn2/to_k/kernel)")
-    array = np.asarray(jax.device_get(kernel))
+    array = np.asarray(kernel)
     if array.ndim != 2 or not _is_float(array):
       raise ValueError(f"{path}: expected a floating (d_in, d_out) kernel, got "
                        f"{array.dtype} {array.shape}")
@@ -408,7 +431,7 @@ def edit_kernels(kernels: Mapping[str, object]) -> dict[str, np.ndarray]:
 
 def check_finite(arrays: Mapping[str, object]) -> None:
   bad = [p for p, a in arrays.items()
-         if not np.isfinite(np.asarray(jax.device_get(a))).all()]
+         if not np.isfinite(np.asarray(a)).all()]
   if bad:
     raise NonFiniteWeightsError(
         f"refusing to write non-finite (NaN or inf) weights in {len(bad)} tensors: "

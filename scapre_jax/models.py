@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import logging
 import os
 import pathlib
 import re
@@ -20,32 +19,18 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import diffusers  # configures the library loggers filtered below
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
-import transformers  # configures the library loggers filtered below
 
 import convert
-from scapre_jax import precision, requests
+from scapre_jax import io, precision, requests
 
 
-class _DropDeprecation(logging.Filter):
-  """Drops the 'Flax classes are deprecated' lines, logged on every trace."""
-
-  def filter(self, record):
-    return "classes are deprecated" not in record.getMessage()
-
-
-# Both libraries log through one handler on their root logger; a filter there
-# also catches the lines logged while the Flax modules import.
-for _handler in (*logging.getLogger("diffusers").handlers,
-                 *logging.getLogger("transformers").handlers):
-  if not any(isinstance(f, _DropDeprecation) for f in _handler.filters):
-    _handler.addFilter(_DropDeprecation())
+# The Flax classes warn that they are deprecated; their log lines are dropped
+# by `console.quiet_library_logs`, which the CLI calls.
 with warnings.catch_warnings():
   warnings.filterwarnings("ignore", ".*classes are deprecated", FutureWarning)
   from diffusers import FlaxAutoencoderKL
@@ -368,9 +353,7 @@ def _read_weights(folder: pathlib.Path, spec: _Part, expected):
   fmt, files = _weight_files(folder, spec)
   part = spec.layout.name
   if fmt == "flax":
-    tree = _read_msgpack(files[0])
-    if set(tree) == {"params"}:
-      tree = tree["params"]
+    tree = io.read_msgpack(files[0])
     return convert.check(tree, expected, part), fmt, tuple(files)
   state = {}
   for file in files:
@@ -383,13 +366,6 @@ def _read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
     return safetensors.numpy.load_file(file)
   except (safetensors.SafetensorError, OSError) as err:
     raise ValueError(f"cannot read {file} (corrupt or truncated safetensors?): {err}") from None
-
-
-def _read_msgpack(file: pathlib.Path) -> dict[str, Any]:
-  try:
-    return flax.serialization.msgpack_restore(file.read_bytes())
-  except Exception as err:  # msgpack raises several unrelated types
-    raise ValueError(f"cannot read {file} (corrupt or truncated msgpack?): {err}") from None
 
 
 def fingerprint(files) -> str:
@@ -498,7 +474,6 @@ def jax_dtype(name: str):
   return _dtype(name)
 
 
-read_msgpack = _read_msgpack
 cast = _cast
 read_safetensors = _read_safetensors
 

@@ -551,14 +551,7 @@ def apply_edit(model_file, edit_file, out, *, config=None,
   path = check_file(model_file)
   io.check_output_path(out, overwrite=overwrite, protected=[path, edit_file])
   kernels, meta = io.read_edit_file(edit_file)
-  expected = meta.get("base_fingerprint")
-  if not expected:
-    raise ValueError(f"edit file {edit_file} records no base_fingerprint")
-  actual = models.fingerprint([path])
-  if actual != expected:
-    raise ValueError(
-        f"edit file {edit_file} was made for the base model with fingerprint "
-        f"{expected}, but {path} has fingerprint {actual}; refusing to apply it")
+  io.check_fingerprint(edit_file, meta, models.fingerprint([path]), path)
   return write_edited(path, out, kernels, metadata=file_metadata(meta), config=config,
                       overwrite=overwrite)
 

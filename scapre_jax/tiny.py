@@ -26,7 +26,7 @@ import numpy as np
 import safetensors.numpy
 
 import convert
-from scapre_jax import models, outputs
+from scapre_jax import cache, models, outputs
 
 _DATA = pathlib.Path(__file__).parent / "data"
 # Written into the configs as-is, so the files do not depend on what is
@@ -221,6 +221,28 @@ def write_tiny_model(directory: str | os.PathLike, *, seed: int = 0,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return target
+
+
+# The built-in model of `scapre-jax erase` and `generate` when no --model is
+# given: tiny, random, with SD 1.x's 768-wide context.
+DEFAULT_VARIANT = "sd1-768"
+
+
+def default_model_dir() -> pathlib.Path:
+  """Where the built-in tiny model lives: cache.cache_home() / "tiny-sd1-768"."""
+  return cache.cache_home() / f"tiny-{DEFAULT_VARIANT}"
+
+
+def ensure_tiny_model() -> pathlib.Path:
+  """The built-in tiny model's folder, written on first use."""
+  path = default_model_dir()
+  if not (path / "model_index.json").exists():
+    try:
+      write_tiny_model(path, variant=DEFAULT_VARIANT)
+    except (ValueError, OSError):
+      if not (path / "model_index.json").exists():  # not a concurrent writer
+        raise
+  return path
 
 
 def _write(root: pathlib.Path, spec: TinyVariant, seed: int) -> None:

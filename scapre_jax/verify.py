@@ -250,10 +250,7 @@ def run(model_path, edit_file, *, progress: Callable[[str], None] | None = None,
   if model.family not in ("sd1", "sd2"):
     raise ValueError(f"verify recomputes SD 1.x/2.x edits; {model.path} is "
                      f"{models.FAMILIES[model.family]}, which it does not support yet")
-  if meta.get("base_fingerprint") != model.fingerprint:
-    raise ValueError(
-        f"edit file {edit_file} was made for the base model with UNet fingerprint "
-        f"{meta.get('base_fingerprint')}, but {model.path} has {model.fingerprint}")
+  io.check_fingerprint(edit_file, meta, model.fingerprint, model.path, action="verify")
   originals = models.cross_attention_kernels(model.unet_params, targets=config.targets)
   unknown = sorted(set(written) - set(originals))
   if unknown:

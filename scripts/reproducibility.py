@@ -62,7 +62,8 @@ def main(argv=None) -> dict:
   import jax
   import numpy as np
 
-  from scapre_jax import erase, io, models, precision, requests, sharding, text
+  from scapre_jax import io, models, precision, requests, sharding, text, tiny
+  from scapre_jax import cache as cache_lib
   from scapre_jax.config import EditConfig
   from scapre_jax.edit import edit_projections
   from scapre_jax.sets import edit_sets
@@ -72,7 +73,7 @@ def main(argv=None) -> dict:
     concept_sets = requests.load_sets_file(args.sets)
   else:
     concept_sets = [requests.set_from_dict(entry) for entry in DEFAULT_SETS]
-  model_path = args.model or erase.ensure_tiny_model()
+  model_path = args.model or tiny.ensure_tiny_model()
   mesh = sharding.sets_mesh()
   key = jax.random.key(args.seed)
 
@@ -80,7 +81,7 @@ def main(argv=None) -> dict:
     return max(float(np.abs(np.asarray(got[n]) - np.asarray(want[n])).max()
                    / np.abs(np.asarray(want[n])).max()) for n in want)
 
-  erase.enable_compile_cache()  # as the CLI: a rerun skips compilation
+  cache_lib.enable_compile_cache()  # as the CLI: a rerun skips compilation
   results, alone_of = [], {}
   for prec, modes in (("float32", ("released", "canonical")),
                       ("float64", ("released", "canonical"))):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scapre_jax import cli, generate, io, models
+from scapre_jax import cli, generate, io, models, outputs
 from scapre_jax.config import EditConfig
 
 PROMPTS = ["a cat", "a dog"]
@@ -109,9 +109,13 @@ def test_cli_writes_png(tiny_dir, before, tmp_path, capsys):
   assert capsys.readouterr().out.strip() == str(out)
   with Image.open(out) as image:
     assert image.format == "PNG" and image.mode == "RGB"
-    np.testing.assert_array_equal(np.asarray(image), before)
+    pixels = np.asarray(image)
     info = json.loads(image.text["scapre-jax"])
   assert info["prompts"] == PROMPTS and info["columns"] == ["before"]
+  x, y = info["grid_origin"]
+  np.testing.assert_array_equal(pixels[y:, x:x + SIZE], before)  # the grid, untouched
+  assert (pixels[y:, x + SIZE:] == 255).all()  # white room for a wide column name
+  assert (out.stat().st_mode & 0o777) == 0o666 & ~outputs.umask()  # not mkstemp's 0600
   assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no temp file left
 
 
@@ -123,7 +127,8 @@ def test_cli_refuses_existing_output(tiny_dir, tmp_path, capsys):
   assert out.read_bytes() == b"keep"
   assert _cli(tiny_dir, out, "--overwrite") == 0
   with Image.open(out) as image:
-    assert image.size == (SIZE, len(PROMPTS) * SIZE)
+    x, y = json.loads(image.text["scapre-jax"])["grid_origin"]
+    assert image.size[1] == y + len(PROMPTS) * SIZE
 
 
 def test_cli_refuses_nan_images(tiny_dir, model, tmp_path, capsys, monkeypatch):
@@ -135,3 +140,41 @@ def test_cli_refuses_nan_images(tiny_dir, model, tmp_path, capsys, monkeypatch):
   assert _cli(tiny_dir, out, "--edit", str(edit)) == 2
   assert "after image of 2 prompt(s) is not finite" in capsys.readouterr().err
   assert sorted(p.name for p in tmp_path.iterdir()) == ["edit.safetensors"]
+
+
+def test_labels_name_rows_and_columns(before):
+  grid = np.concatenate([before, before], axis=1)
+  image, (x, y) = generate.label_grid(grid, ["a cat", "a dog with a very long name " * 9],
+                                      ["before", "after"])
+  assert image.dtype == np.uint8 and image.shape[0] == y + grid.shape[0]
+  np.testing.assert_array_equal(image[y:, x:x + grid.shape[1]], grid)
+  assert 0 < x <= 4 * SIZE + 8 and y > 0  # a long prompt is cut, not the image
+
+  def inked(area):  # black text on the white label background
+    return (area.min(axis=-1) < 128).any()
+
+  for row in range(2):
+    assert inked(image[y + row * SIZE:y + (row + 1) * SIZE, :x])
+  for col in range(2):
+    assert inked(image[:y, x + col * SIZE:x + (col + 1) * SIZE])
+  assert not inked(image[:y, :x])  # the corner stays blank
+  with pytest.raises(ValueError, match="uint8 grid"):
+    generate.label_grid(grid[:-1], ["a", "b"], ["before", "after"])
+
+
+def test_render_takes_one_seed_per_prompt(model, before):
+  sampling = generate.sampler(model)
+  images = generate.render(sampling, model.unet_params, PROMPTS, seeds=[7, 9], steps=2)
+  assert images.shape == (len(PROMPTS), SIZE, SIZE, 3) and images.dtype == np.uint8
+  # Prompt 1 with seed 9 alone: the same image whatever else is in the call.
+  # One call renders a batch of 2, the other of 1: two float32 programs, so
+  # the documented bound, one uint8 level, is the tolerance.
+  alone = generate.render(sampling, model.unet_params, PROMPTS[1:], seeds=[9], steps=2)
+  np.testing.assert_allclose(images[1:].astype(int), alone.astype(int), rtol=0, atol=1)
+  # An int seed is split over the prompts: generate_grid's before column.
+  np.testing.assert_array_equal(
+      generate.render(sampling, model.unet_params, PROMPTS, seeds=0, steps=2)
+      .reshape(-1, SIZE, 3), before)
+  assert np.abs(images.astype(int) - before.reshape(images.shape).astype(int)).max() > 8
+  with pytest.raises(ValueError, match="seeds must be"):
+    generate.render(sampling, model.unet_params, PROMPTS, seeds=[1], steps=2)

@@ -19,7 +19,7 @@ from scapre_jax import models
 from scapre_jax import text
 
 from scapre_jax.config import EditConfig
-from scapre_jax.edit import NonFiniteWeightsError
+from scapre_jax.errors import NonFiniteWeightsError
 from scapre_jax.edit import edit_projections
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"

@@ -15,6 +15,7 @@ import pytest
 import safetensors.numpy
 
 import convert
+from scapre_jax import console
 from scapre_jax import models
 from scapre_jax import tiny
 
@@ -307,6 +308,7 @@ def test_replace_kernels(loaded):
 def test_parity_with_pytorch(tiny_dirs, variant, monkeypatch, capfd, shared_time_embedding):
   torch = pytest.importorskip("torch")
   import torch.nn.functional as F
+  console.quiet_library_logs()  # what the CLI does: no deprecation lines below
   from diffusers import AutoencoderKL, UNet2DConditionModel
   from diffusers.models import activations
   from transformers import CLIPTextModel

@@ -282,4 +282,6 @@ def test_generate_before_and_after_grid(sdxl_dir, erased, tmp_path):
                    str(erased / "edit.safetensors"), "--prompts", ";".join(prompts),
                    "--steps", "2", "--out", str(out)]) == 0
   from PIL import Image
-  np.testing.assert_array_equal(np.asarray(Image.open(out)), grid)
+  with Image.open(out) as image:  # the grid, with its labels around it
+    x, y = json.loads(image.text["scapre-jax"])["grid_origin"]
+    np.testing.assert_array_equal(np.asarray(image)[y:, x:x + grid.shape[1]], grid)

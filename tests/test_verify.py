@@ -81,7 +81,7 @@ def test_edit_for_another_model_is_refused(tiny_dirs, tmp_path, capsys):
   path = float64_edit(tiny_dirs["sd1"], tmp_path / "out", "uce")
   assert cli.main(["verify", "--model", str(tiny_dirs["sd2"]), "--edit", str(path)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "was made for the base model with UNet fingerprint" in err[0]
+  assert len(err) == 1 and "was made for the base model with fingerprint" in err[0]
 
 
 def test_missing_torch_is_one_clear_line(tiny_dir, tmp_path, monkeypatch, capsys):
