@@ -4,17 +4,14 @@
 Ours: the JAX engine (`text.build_concept_inputs` + `edit_projections`), timed
 by phase: compilation, text encoding, statistics (text-side sums shared by all
 matrices), solve (all per-matrix work: probes, target values, linear solves,
-Bures step), total. Beside it, in
-the same process and on the same inputs, the released procedure in PyTorch
-float32, built from the per-row functions of scapre_jax.reference in the
-loop order of the released erase_scale.py (text encoder re-run per matrix and
-concept, MI masks and histograms per row, one Cholesky per row), and the same
-with the encoding hoisted out. The reference is timed on a sample (one matrix
-per distinct d_out, a few concepts, a few encoder calls) and scaled up; every
-factor is written to the JSON. `reference_solve_s` is the reference's
-per-matrix work, like for like with `ours_solve_s`; `reference_linear_solve_s`
-(its per-row Cholesky solves) pairs with `ours_linear_solve_s` (our step 6).
-Without a GPU build of PyTorch the reference runs on the CPU.
+Bures step), total; and profiled piece by piece with the engine's own
+per-matrix functions (`edit.probe_noise`, `edit.row_weights`, ...), so the
+profile times what `edit_scapre` runs. Beside it, in the same process and on
+the same inputs, the released procedure in PyTorch float32
+(`scripts/bench_reference.py`, skipped with `--no-reference`).
+
+`--family` picks the model whose shapes are measured (`FAMILIES`: sd15, and
+tiny for the smoke test); a new family is one more entry there.
 
 With `--sets K ...` it measures batched throughput instead: K sets of N
 concepts in one `edit_sets` call against K `edit_projections` calls.
@@ -38,6 +35,7 @@ import dataclasses
 import faulthandler
 import functools
 import hashlib
+import importlib
 import json
 import os
 import pathlib
@@ -60,14 +58,11 @@ if str(ROOT) not in sys.path:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import torch  # noqa: E402
 import transformers  # noqa: E402
 
-import convert  # noqa: E402
 import scapre_jax  # noqa: E402
 from scapre_jax import edit, models, precision, sets, text, tiny  # noqa: E402
 from scapre_jax.config import MI_MODES, PRESETS, EditConfig  # noqa: E402
-from scapre_jax import reference as ref  # noqa: E402
 
 CONCEPT_LISTS = ROOT / "scapre_jax" / "data" / "concept_lists.json"
 
@@ -81,7 +76,8 @@ class Shapes:
   text: dict[str, int]  # CLIPTextConfig overrides of the tiny config
 
 
-SHAPES = {
+# One entry per --family.
+FAMILIES = {
     # SD 1.5: 16 attn2 layers, context 768, CLIP ViT-L/14 text encoder.
     "sd15": Shapes(
         blocks=(("down_blocks_0", 2, 320), ("down_blocks_1", 2, 640),
@@ -99,44 +95,40 @@ SHAPES = {
 
 @dataclasses.dataclass(frozen=True)
 class BenchModel:
-  """What `text.build_concept_inputs` needs, plus the same weights in torch."""
+  """What `text.build_concept_inputs` needs, plus the encoder's config and
+  float32 params, from which the reference builds its PyTorch copy."""
 
   text_encoder: Any  # FlaxCLIPTextModel, built without params
   text_params: Any
   tokenizer: Any
-  torch_encoder: Any  # transformers.CLIPTextModel with the same weights
+  text_config: dict[str, Any]
+  float32_params: Any  # numpy
 
 
 # -- setup ----------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=2)
-def build_model(shapes_name: str, seed: int, dtype: str = "float32") -> BenchModel:
-  """Random-weight text encoder of `SHAPES[shapes_name]` over the tiny
-  tokenizer's vocab, computing in `dtype` (the torch copy stays float32).
+def build_model(family: str, seed: int, dtype: str = "float32") -> BenchModel:
+  """Random-weight text encoder of `FAMILIES[family]` over the tiny
+  tokenizer's vocab, computing in `dtype`.
 
   Params are drawn with numpy (Flax's init compiles slowly on CPU), with the
-  scales of tiny.py, and copied into transformers' PyTorch CLIPTextModel.
+  scales of tiny.py.
   """
-  shapes = SHAPES[shapes_name]
+  shapes = FAMILIES[family]
   with tempfile.TemporaryDirectory() as tmp:
     root = tiny.write_tiny_model(pathlib.Path(tmp) / "tiny")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(
         root / "tokenizer", local_files_only=True)
     config = json.loads((root / "text_encoder" / "config.json").read_text())
   config.update(shapes.text)
-  abstract = models.abstract_params("text_encoder", config)
   params = tiny.random_params("text_encoder", config, np.random.default_rng([seed, 1]),
                               other_std=0.02)
-  torch_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(config))
-  state = convert.CLIP_TEXT.to_torch(params, abstract)
-  torch_encoder.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-  torch_encoder.eval()
   return BenchModel(
       text_encoder=models.build("text_encoder", config, dtype=dtype),
       text_params=jax.tree.map(lambda a: jnp.asarray(a, models.jax_dtype(dtype)), params),
-      tokenizer=tokenizer,
-      torch_encoder=torch_encoder)
+      tokenizer=tokenizer, text_config=config, float32_params=params)
 
 
 def unet_kernels(shapes: Shapes, d_in: int, seed: int) -> dict[str, np.ndarray]:
@@ -192,7 +184,6 @@ def machine() -> dict[str, Any]:
       "jax_device_kind": kind, "cpu_model": cpu, "cores": cores,
       "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
       "python": platform.python_version(), "jax": jax.__version__,
-      "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
       "transformers": transformers.__version__,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
@@ -252,7 +243,7 @@ def bench_ours(model, kernels, concepts, config, key, *, repeat, matrix_batch,
   runs = {"encode": [], "edit": [], "statistics": [], "solve": []}
   first = {}
   groups = shape_groups(kernels, key)
-  dtype = edit.compute_dtype(next(iter(kernels.values())).dtype)
+  dtype = precision.compute_dtype(next(iter(kernels.values())).dtype)
   for i in range(repeat + 1):
     log(f"ours: run {i}" + (" (compiles)" if i == 0 else ""))
     t_encode, request = timed(text.build_concept_inputs, model, concepts)
@@ -339,19 +330,16 @@ def _values(stack, row_weights, inputs, config, matrix_batch):
                        (stack, row_weights), matrix_batch)
 
 
-def linear_solve(gram, stats, rhs, alpha):
-  """The engine's step-6 solve, dispatched as `edit_weight` does."""
-  return edit.solve_scapre_system(gram, stats.projector_basis, rhs, alpha)
-
-
 def projector_of(stats):
   return stats.projector_basis @ stats.projector_basis.T
 
 
 @functools.partial(jax.jit, static_argnames=("matrix_batch",))
 def _linear_solve(grams, stats, rhs, alpha, matrix_batch):
-  return over_matrices(lambda g, b, a: linear_solve(g, stats, b, a), (grams, rhs, alpha),
-                       matrix_batch)
+  # The engine's step-6 solve, as `edit_scapre` calls it.
+  return over_matrices(
+      lambda g, b, a: edit.solve_scapre_system(g, stats.projector_basis, b, a),
+      (grams, rhs, alpha), matrix_batch)
 
 
 @functools.partial(jax.jit, static_argnames=("matrix_batch",))
@@ -416,7 +404,7 @@ def profile_ours(groups, inputs, stats, config, matrix_batch, *, over_sets=False
     return out
 
   problem = lambda stack, s: solve_problem(stack, s, config)
-  dtype = edit.compute_dtype(groups[0][0][0].dtype)
+  dtype = precision.compute_dtype(groups[0][0][0].dtype)
   if over_sets:
     add("statistics", lambda x, matrix_batch: sets.set_statistics(
         x, config, dtype), inputs)
@@ -447,192 +435,28 @@ def profile_ours(groups, inputs, stats, config, matrix_batch, *, over_sets=False
   return parts
 
 
-# -- reference ------------------------------------------------------------------------
-
-
-def bench_reference(model, kernels, request, config, *, sample_concepts, sample_encodes,
-                    rows, seed):
-  """The released procedure in torch float32, timed on a sample and scaled.
-
-  Per distinct d_out one matrix stands for all of that width. Per matrix, as
-  erase_scale.py: the entropy factor (histc per row), MI masks per concept
-  for r_max, then per concept the text encoder on [old, new], the target
-  values of every layer of this projection type (the released loop computes
-  all 16 and keeps one), the batched outer-product sums, the MI mask again,
-  then one Cholesky per row and the Bures step.
-  """
-  inputs = request.inputs
-  m = inputs.num_concepts
-  q = min(sample_concepts, m)
-  tokenizer, encoder = model.tokenizer, model.torch_encoder
-  length = tokenizer.model_max_length
-  f32 = lambda x: torch.from_numpy(np.array(x, np.float32))
-  concept_vecs = f32(inputs.concept_vecs)
-  empty_vec = f32(inputs.empty_vec)
-  old_seqs, new_seqs = np.asarray(inputs.old_seqs), np.asarray(inputs.new_seqs)
-  seq_mask = np.asarray(inputs.seq_mask)
-  xs = [f32(old_seqs[j][seq_mask[j]]) for j in range(q)]
-  ys = [f32(new_seqs[j][seq_mask[j]]) for j in range(q)]
-  rng = np.random.default_rng([seed, 3])
-  d_in = inputs.d_in
-  ent_noise = f32(rng.standard_normal((m, config.entropy_samples, d_in)))
-  pos_noise = f32(rng.standard_normal((q, config.mi_num_pos, d_in)))
-  neg_noise = f32(rng.standard_normal((q, config.mi_num_pos, d_in)))
-  eta, lamb = config.erase_scale, config.lamb
-  stats32 = edit.concept_statistics(inputs, config, jnp.float32)
-  xx = f32(np.asarray(stats32.xx))
-  projector64 = ref.concept_projector(concept_vecs)  # float64, the released formula
-
-  def encode(prompts):
-    tok = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
-                    return_tensors="pt")
-    return encoder(tok.input_ids)[0], tok.attention_mask
-
-  out: dict[str, Any] = {}
-  with ref.precision(torch.float32), torch.no_grad():
-    # Text side: one batch of every erased prompt + the empty prompt (once),
-    # then [old, new] per concept and matrix.
-    log("reference: encoding")
-    start = time.perf_counter()
-    encode(list(request.prompts))
-    encode([""])
-    out["reference_encode_once_s"] = time.perf_counter() - start
-    pairs = list(zip(request.prompts, request.guides))
-    encode(list(pairs[0]))  # warm-up
-    k = min(sample_encodes, m)
-    start = time.perf_counter()
-    for pair in pairs[:k]:
-      encode(list(pair))
-    t_pair = (time.perf_counter() - start) / k
-
-    start = time.perf_counter()
-    projector = ref.concept_projector(concept_vecs)
-    t_projector = time.perf_counter() - start
-
-    by_width: dict[int, list[str]] = {}
-    for name, kernel in kernels.items():
-      by_width.setdefault(kernel.shape[1], []).append(name)
-    per_width = {}
-    accuracy = None
-    for d_out, names in by_width.items():
-      name = names[0]
-      log(f"reference: matrices of width {d_out}")
-      proj = "to_k" if "/to_k/" in name else "to_v"
-      weight = f32(np.asarray(kernels[name]).T)
-      same_type = [n for n in kernels if f"/{proj}/" in n]
-      layers = [f32(np.asarray(kernels[n]).T) for n in same_type]
-      index = same_type.index(name)
-      r = d_out if rows is None else min(rows, d_out)
-      row_scale = d_out / r
-      t = {}
-      start = time.perf_counter()
-      e = ref.entropy_factor(weight[:r], concept_vecs, ent_noise, sigma=config.noise_sigma,
-                             bins=config.entropy_bins)
-      t["entropy"] = (time.perf_counter() - start) * row_scale
-      mu = float(torch.clamp(1 - e, 0, 1).mean())
-      mask = lambda j: ref.mi_soft_mask(
-          weight[:r], concept_vecs[j], empty_vec, pos_noise[j], neg_noise[j],
-          sigma=config.noise_sigma, temperature=config.mi_temperature, power=config.p)
-      if config.mi_mask:
-        start = time.perf_counter()
-        masks = [mask(j) for j in range(q)]
-        # Twice per concept: once for r_max, once in the accumulation loop.
-        t["mi_mask"] = 2 * (time.perf_counter() - start) * row_scale * m / q
-      else:
-        masks = [torch.ones(r) for _ in range(q)]
-        t["mi_mask"] = 0.0
-      start = time.perf_counter()
-      ased = (ref.ased_regulariser(concept_vecs, mu, temperature=config.spectral_temperature,
-                                   power=config.spectral_power)
-              if config.ased else torch.zeros(d_in, d_in))
-      t["ased"] = time.perf_counter() - start
-      start = time.perf_counter()
-      value_sum, square_sum = torch.zeros(d_out, d_in), torch.zeros(d_in, d_in)
-      for j in range(q):
-        values = [ref.targets(w, xs[j], ys[j], config.technique) for w in layers]
-        v = values[index]
-        # As released: (L, d_out, d_in) and (L, d_in, d_in) products, then sum.
-        a = (v[:, :, None] * xs[j][:, None, :]).sum(0)
-        square_sum += eta * (xs[j][:, :, None] * xs[j][:, None, :]).sum(0)
-        weights = torch.ones(d_out)
-        weights[:r] = masks[j]
-        value_sum += eta * (a * weights[:, None])
-      t["accumulate"] = (time.perf_counter() - start) * m / q
-      gram = ((lamb + mu) * torch.eye(d_in) + ased * mu + concept_vecs.T @ concept_vecs
-              + eta * xx)
-      rhs = (lamb + mu) * weight + value_sum
-      alpha = eta * torch.ones(d_out)
-      start = time.perf_counter()
-      solved = ref.scapre_row_solve(gram, projector, rhs[:r], alpha[:r])
-      t["solve"] = (time.perf_counter() - start) * row_scale
-      if not accuracy:
-        # Both float32 solves against float64 (alpha is constant here, so one
-        # inverse serves every row).
-        exact = rhs[:r].double().numpy() @ np.linalg.inv(
-            gram.double().numpy() + eta * projector64.numpy())
-        ours = linear_solve(jnp.asarray(gram.numpy()), stats32,
-                            jnp.asarray(rhs[:r].numpy()), jnp.asarray(alpha[:r].numpy()))
-        error = lambda x: float(np.abs(np.asarray(x, np.float64) - exact).max()
-                                / np.abs(exact).max())
-        accuracy = {"d_out": d_out, "ours": error(ours), "reference": error(solved.numpy()),
-                    "ours_vs_reference": float(np.abs(np.asarray(ours) - solved.numpy()).max()
-                                               / np.abs(solved.numpy()).max()),
-                    "gram_condition": float(np.linalg.cond(gram.double().numpy()))}
-      start = time.perf_counter()
-      ref.bures_prox(weight[:r], solved, mu=mu, lam_prox=lamb + mu, iters=config.bures_iters)
-      t["bures"] = (time.perf_counter() - start) * row_scale
-      t["encode_per_matrix"] = m * t_pair
-      per_width[d_out] = {"matrices": len(names), "rows_timed": r, "seconds": t}
-
-  num_matrices = len(kernels)
-  phases = {p: sum(w["matrices"] * w["seconds"][p] for w in per_width.values())
-            for p in ("entropy", "mi_mask", "ased", "accumulate", "solve", "bures")}
-  phases["projector"] = t_projector
-  matrix_s = sum(phases.values())
-  encode_released = out["reference_encode_once_s"] + num_matrices * m * t_pair
-  encode_hoisted = out["reference_encode_once_s"] + m * t_pair
-  out.update({
-      "reference_total_s": encode_released + matrix_s,
-      "reference_hoisted_total_s": encode_hoisted + matrix_s,
-      # Like for like with ours_solve_s: all per-matrix work after the shared
-      # text statistics (probes, targets, linear solves, Bures).
-      "reference_solve_s": matrix_s,
-      "reference_linear_solve_s": phases["solve"],
-      "reference_encode_s": encode_released,
-      "reference_hoisted_encode_s": encode_hoisted,
-      "reference_encode_pair_s": t_pair,
-      "reference_phases_s": phases,
-      "reference_per_width": {str(k): v for k, v in per_width.items()},
-      "solve_rel_error_f32": accuracy,
-      "reference_sample": {
-          "matrices_timed": len(per_width), "matrices": num_matrices,
-          "concepts_timed": q, "concepts": m, "encoder_calls_timed": k,
-          "encoder_calls_released": num_matrices * m, "encoder_calls_hoisted": m,
-          "rows_timed": None if rows is None else rows,
-          "note": ("one matrix per distinct d_out, scaled by the number of matrices of that "
-                   "width; MI masks and accumulation timed on concepts_timed concepts and "
-                   "scaled by concepts / concepts_timed; encoder [old, new] calls timed "
-                   "encoder_calls_timed times and scaled by the call count; per-row loops "
-                   "timed on rows_timed rows (None = all) and scaled by d_out / rows"),
-      },
-  })
-  return out
-
-
 # -- configurations -------------------------------------------------------------------
 
 
+def reference_module():
+  """scripts/bench_reference.py (imported on use: it needs torch)."""
+  here = str(pathlib.Path(__file__).resolve().parent)
+  if here not in sys.path:
+    sys.path.insert(0, here)
+  return importlib.import_module("bench_reference")
+
+
 def run_edit(args, n: int) -> dict[str, Any]:
-  shapes = SHAPES[args.shapes]
+  shapes = FAMILIES[args.family]
   config = EditConfig.preset(args.preset, mi_mode=args.mi_mode)
   log("building the text encoder")
-  model = build_model(args.shapes, args.seed, args.precision)
+  model = build_model(args.family, args.seed, args.precision)
   d_in = model.text_encoder.config.hidden_size
   kernels = {k: jnp.asarray(v, args.precision)
              for k, v in unet_kernels(shapes, d_in, args.seed).items()}
   concepts = concept_names(n)
   key = jax.random.key(args.seed)
-  record = {"kind": "edit", "concepts": n, "preset": args.preset, "shapes": args.shapes,
+  record = {"kind": "edit", "concepts": n, "preset": args.preset, "shapes": args.family,
             "precision": args.precision, "mi_mode": args.mi_mode,
             "matrices": len(kernels), "d_in": d_in,
             "loadavg_start": os.getloadavg()}
@@ -648,9 +472,12 @@ def run_edit(args, n: int) -> dict[str, Any]:
     # Step 6 alone, for the like-for-like ratio with the per-row Cholesky solves.
     record["ours_linear_solve_s"] = record["ours_profile_s"]["linear_solve"]
   if args.reference:
-    record.update(bench_reference(
-        model, kernels, request, config, sample_concepts=args.ref_concepts,
-        sample_encodes=args.ref_encodes, rows=args.ref_rows, seed=args.seed))
+    reference = reference_module()
+    encoder = reference.torch_text_encoder(model.text_config, model.float32_params)
+    record.update(reference.bench_reference(
+        model.tokenizer, encoder, kernels, request, config,
+        sample_concepts=args.ref_concepts, sample_encodes=args.ref_encodes,
+        rows=args.ref_rows, seed=args.seed, log=log))
     record["speedup_total"] = record["reference_total_s"] / record["ours_total_s"]
     record["speedup_total_hoisted"] = (record["reference_hoisted_total_s"]
                                        / record["ours_total_s"])
@@ -665,16 +492,16 @@ def run_edit(args, n: int) -> dict[str, Any]:
 
 
 def run_sets(args, n: int, num_sets: int) -> dict[str, Any]:
-  shapes = SHAPES[args.shapes]
+  shapes = FAMILIES[args.family]
   config = EditConfig.preset(args.preset, mi_mode=args.mi_mode)
-  model = build_model(args.shapes, args.seed, args.precision)
+  model = build_model(args.family, args.seed, args.precision)
   d_in = model.text_encoder.config.hidden_size
   kernels = {k: jnp.asarray(v, args.precision)
              for k, v in unet_kernels(shapes, d_in, args.seed).items()}
   names = concept_names(n * num_sets)
   key = jax.random.key(args.seed)
   record = {"kind": "sets", "concepts": n, "sets": num_sets, "preset": args.preset,
-            "shapes": args.shapes, "precision": args.precision, "mi_mode": args.mi_mode,
+            "shapes": args.family, "precision": args.precision, "mi_mode": args.mi_mode,
             "matrices": len(kernels),
             "d_in": d_in,
             "matrix_batch": edit.default_matrix_batch(args.matrix_batch),
@@ -719,7 +546,7 @@ def run_sets(args, n: int, num_sets: int) -> dict[str, Any]:
     stacked = sets.stack_sets(inputs)
     record["batched_profile_s"] = profile_ours(
         shape_groups(kernels, key), stacked,
-        sets.set_statistics(stacked, config, edit.compute_dtype(args.precision)),
+        sets.set_statistics(stacked, config, precision.compute_dtype(args.precision)),
         config, edit.default_matrix_batch(args.matrix_batch), over_sets=True)
   record["loadavg_end"] = os.getloadavg()
   return record
@@ -743,8 +570,10 @@ def parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--sets", type=int, nargs="+", default=None,
                       help="batched throughput: K sets of N concepts (e.g. 1 2 4 8)")
   parser.add_argument("--preset", default="scapre", choices=sorted(PRESETS))
-  parser.add_argument("--shapes", default="sd15", choices=sorted(SHAPES),
-                      help="sd15: SD-1.5 UNet and CLIP-L sizes; tiny: for the smoke test")
+  parser.add_argument("--family", "--shapes", dest="family", default="sd15",
+                      choices=sorted(FAMILIES),
+                      help="the model whose shapes are measured: sd15, SD-1.5 UNet and "
+                           "CLIP-L sizes; tiny, for the smoke test")
   parser.add_argument("--json", type=pathlib.Path, default=None,
                       help="write the results here (and print a summary)")
   parser.add_argument("--repeat", type=int, default=2,
@@ -786,7 +615,7 @@ def parse(argv=None) -> argparse.Namespace:
 def _worker_argv(args, n: int, num_sets: int | None, out: pathlib.Path) -> list[str]:
   argv = [sys.executable, str(pathlib.Path(__file__).resolve()),
           "--worker", str(n), str(num_sets or 0), "--json", str(out),
-          "--preset", args.preset, "--shapes", args.shapes, "--repeat", str(args.repeat),
+          "--preset", args.preset, "--family", args.family, "--repeat", str(args.repeat),
           "--ref-concepts", str(args.ref_concepts), "--ref-encodes", str(args.ref_encodes),
           "--seed", str(args.seed), "--max-temp-gib", str(args.max_temp_gib),
           "--precision", args.precision, "--mi-mode", args.mi_mode]

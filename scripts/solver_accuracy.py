@@ -140,13 +140,14 @@ def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--concepts", type=int, nargs="+", default=[10, 50])
   parser.add_argument("--mu", type=float, default=0.3)
-  parser.add_argument("--shapes", default="sd15", choices=sorted(bench_edit.SHAPES))
+  parser.add_argument("--family", "--shapes", dest="family", default="sd15",
+                      choices=sorted(bench_edit.FAMILIES))
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--json", type=pathlib.Path, default=None)
   args = parser.parse_args(argv)
-  model = bench_edit.build_model(args.shapes, args.seed)
+  model = bench_edit.build_model(args.family, args.seed)
   d_in = model.text_encoder.config.hidden_size
-  kernels = bench_edit.unet_kernels(bench_edit.SHAPES[args.shapes], d_in, args.seed)
+  kernels = bench_edit.unet_kernels(bench_edit.FAMILIES[args.family], d_in, args.seed)
   results = []
   print("| N | rank | cond(G) | " + " | ".join(FORMS) + " |")
   print("|" + "---|" * (3 + len(FORMS)))

@@ -26,7 +26,7 @@ def bench():
 
 def test_edit_and_sets_benchmarks_run(bench, tmp_path):
   edit_json, sets_json = tmp_path / "edit.json", tmp_path / "sets.json"
-  common = ["--shapes", "tiny", "--concepts", "2", "--repeat", "1", "--in-process",
+  common = ["--family", "tiny", "--concepts", "2", "--repeat", "1", "--in-process",
             "--ref-concepts", "1", "--ref-encodes", "1", "--ref-rows", "8"]
   [record] = bench.main(common + ["--json", str(edit_json), "--no-profile"])
   for key in ("ours_total_s", "reference_total_s", "ours_solve_s", "reference_solve_s",
@@ -60,7 +60,7 @@ def test_help_lists_the_options(bench, capsys):
   with pytest.raises(SystemExit):
     bench.parse(["--help"])
   out = capsys.readouterr().out
-  for option in ("--concepts", "--sets", "--preset", "--json", "--precision"):
+  for option in ("--concepts", "--sets", "--preset", "--json", "--precision", "--family"):
     assert option in out
 
 
