@@ -43,7 +43,8 @@ def test_a_concept_given_twice_is_erased_once_with_a_warning():
 def test_concept_set_checks_its_fields():
   s = requests.ConceptSet("a-1.b_2", ("x",), guides=("y",), templates=("photo of {}",))
   assert s.to_dict() == {"name": "a-1.b_2", "concepts": ["x"], "guides": ["y"],
-                         "preserve": [], "preset": "scapre", "templates": ["photo of {}"]}
+                         "preserve": [], "preset": "scapre", "templates": ["photo of {}"],
+                         "others": []}
   for name in ("", "../x", "-x", "a" * 129, "a b"):
     with pytest.raises(ValueError, match="names the output files"):
       requests.ConceptSet(name, ("x",))
@@ -102,6 +103,7 @@ def test_sets_file_with_comments_and_default_preset(tmp_path):
 
 def test_model_argument_before_any_work(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
   (tmp_path / "models").mkdir()
   assert requests.looks_like_hub_id("runwayml/stable-diffusion-v1-5")
   assert not requests.looks_like_hub_id("./sd15")
@@ -109,6 +111,8 @@ def test_model_argument_before_any_work(tmp_path, monkeypatch):
   assert not requests.looks_like_hub_id("a/b/c")
   requests.check_model_argument(None)
   requests.check_model_argument(str(tmp_path / "models"))  # exists
-  requests.check_model_argument("runwayml/stable-diffusion-v1-5")  # checked at load
+  with pytest.raises(ValueError, match="--model runwayml/stable-diffusion-v1-5 is neither "
+                     "a local folder nor in the Hugging Face cache"):
+    requests.check_model_argument("runwayml/stable-diffusion-v1-5")
   with pytest.raises(ValueError, match="--model models/sd15: no such model folder"):
     requests.check_model_argument("models/sd15")
