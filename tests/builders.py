@@ -1,4 +1,5 @@
-"""Random inputs and kernels shared by the engine tests (imported, never collected)."""
+"""Inputs shared by several test modules (imported, never collected): random
+concept inputs and kernels for the engine tests, bad sets files."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,3 +24,16 @@ def kernels(seed, d_in, widths, dtype=jnp.float32):
   rng = np.random.default_rng(seed)
   return {f"layer_{i}/to_{kv}/kernel": jnp.asarray(rng.normal(size=(d_in, w)) / np.sqrt(d_in), dtype)
           for i, w in enumerate(widths) for kv in "kv"}
+
+
+# (sets-file text, the error it gives, as a regex): tests/test_requests.py
+# checks the library's message, tests/test_cli.py the command line's exit.
+BAD_SETS_FILES = [
+    ('{"name": "x", "concepts": ["a"]}\n{"name": "y", "concepts": [', "sets.jsonl:2: bad JSON"),
+    ('{"name": "x", "concepts": []}', "sets.jsonl:1: set 'x': empty concept list"),
+    ('{"name": "x", "concepts": ["a"], "preset": "fast"}', "sets.jsonl:1: set 'x': unknown preset"),
+    ('{"name": "x", "concepts": ["a"]}\n\n{"name": "x", "concepts": ["b"]}',
+     "sets.jsonl:3: duplicate set name 'x' \\(first on line 1\\)"),
+    ('{"name": "../x", "concepts": ["a"]}', "sets.jsonl:1: set name"),
+    ('{"name": "x", "concept": ["a"]}', "sets.jsonl:1: unknown keys \\['concept'\\]"),
+]

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import scapre_jax as sj
+from builders import BAD_SETS_FILES
 from scapre_jax import cli, erase, io, models, requests, text
 
 
@@ -173,15 +174,7 @@ def test_interrupted_run_leaves_no_partial_files(tiny_dir, sets_file, tmp_path, 
       "a.json", "a.safetensors", "b.json", "b.safetensors", "c.json", "c.safetensors"]
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"name": "x", "concepts": ["a"]}\n{"name": "y", "concepts": [', "sets.jsonl:2: bad JSON"),
-    ('{"name": "x", "concepts": []}', "sets.jsonl:1: set 'x': empty concept list"),
-    ('{"name": "x", "concepts": ["a"], "preset": "fast"}', "sets.jsonl:1: set 'x': unknown preset"),
-    ('{"name": "x", "concepts": ["a"]}\n\n{"name": "x", "concepts": ["b"]}',
-     "sets.jsonl:3: duplicate set name 'x' \\(first on line 1\\)"),
-    ('{"name": "../x", "concepts": ["a"]}', "sets.jsonl:1: set name"),
-    ('{"name": "x", "concept": ["a"]}', "sets.jsonl:1: unknown keys \\['concept'\\]"),
-])
+@pytest.mark.parametrize("line,message", BAD_SETS_FILES)
 def test_bad_sets_file_is_rejected_before_work(tmp_path, line, message, capsys):
   # The library's messages: tests/test_requests.py. Through the CLI: exit 2,
   # the message with its line, nothing written, no model even loaded.

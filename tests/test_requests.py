@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 
+from builders import BAD_SETS_FILES
 from scapre_jax import requests
 
 
@@ -71,14 +72,7 @@ def test_set_from_dict():
       requests.set_from_dict(entry)
 
 
-@pytest.mark.parametrize("text,message", [
-    ('{"name": "x", "concepts": ["a"]}\n{"name": "y", "concepts": [', "sets.jsonl:2: bad JSON"),
-    ('{"name": "x", "concepts": []}', "sets.jsonl:1: set 'x': empty concept list"),
-    ('{"name": "x", "concepts": ["a"], "preset": "fast"}', "sets.jsonl:1: set 'x': unknown preset"),
-    ('{"name": "x", "concepts": ["a"]}\n\n{"name": "x", "concepts": ["b"]}',
-     "sets.jsonl:3: duplicate set name 'x' \\(first on line 1\\)"),
-    ('{"name": "../x", "concepts": ["a"]}', "sets.jsonl:1: set name"),
-    ('{"name": "x", "concept": ["a"]}', "sets.jsonl:1: unknown keys \\['concept'\\]"),
+@pytest.mark.parametrize("text,message", BAD_SETS_FILES + [
     ("# only a comment\n\n", "holds no sets"),
 ])
 def test_bad_sets_files_name_file_and_line(tmp_path, text, message):
