@@ -56,14 +56,14 @@ def main(argv=None) -> dict:
   import numpy as np
   import torch
 
-  from scapre_jax import cli, edit, erase, io, models, precision, reference, requests, verify
+  from scapre_jax import cli, edit, erase, io, models, precision, reference, requests, tiny, verify
   from scapre_jax._src import probes
   from scapre_jax.config import EditConfig
   from scapre_jax.edit import edit_projections
 
   precision.enable_x64()
   overrides = dict(cli.parse_override(s) for s in args.set)
-  model_path = args.model or erase.ensure_tiny_model()
+  model_path = args.model or tiny.ensure_tiny_model()
   m32 = models.load_model(model_path)
   m64 = models.load_model(model_path, dtype="float64")
   k32 = models.cross_attention_kernels(m32.unet_params)

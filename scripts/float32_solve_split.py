@@ -40,14 +40,14 @@ def main(argv=None) -> None:
   import numpy as np
   import torch
 
-  from scapre_jax import edit, erase, models, precision, reference, requests, verify
+  from scapre_jax import edit, erase, models, precision, reference, requests, tiny, verify
   from scapre_jax._src import targets
   from scapre_jax.config import EditConfig
 
   precision.enable_x64()
   config = EditConfig.preset("scapre-nsfw")
   assert not config.mi_mask and not config.ased
-  model = models.load_model(args.model or erase.ensure_tiny_model(), dtype="float64")
+  model = models.load_model(args.model or tiny.ensure_tiny_model(), dtype="float64")
   name, kernel = next(iter(models.cross_attention_kernels(model.unet_params).items()))
   concept_set = requests.ConceptSet("set", requests.parse_concepts(args.concepts),
                                     preset="scapre-nsfw")
