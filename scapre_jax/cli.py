@@ -8,6 +8,7 @@
   scapre-jax inspect FILE
   scapre-jax verify --model M --edit FILE   recompute FILE with the PyTorch reference
   scapre-jax generate --model M [--edit FILE] --prompts "..." --out grid.png
+  scapre-jax eval --model M (--edit FILE ... | --edits DIR) --suite S --out DIR
 """
 
 from __future__ import annotations
@@ -172,6 +173,33 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--guidance", type=float, default=7.5)
   p.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
   p.add_argument("--overwrite", action="store_true")
+  _add_compile_cache(p)
+
+  p = sub.add_parser("eval", help="the paper's evaluations of edits: images, scores, "
+                     "eval.json, table, grids, plots")
+  p.add_argument("--model", help="diffusers folder or cached Hugging Face id "
+                 "(default: the built-in tiny model)")
+  edits = p.add_mutually_exclusive_group(required=True)
+  edits.add_argument("--edit", nargs="+", help="edit file(s)")
+  edits.add_argument("--edits", metavar="DIR", help="every edit file in DIR (a sets run's OUT)")
+  p.add_argument("--suite", required=True, choices=("objects", "artists", "nsfw", "coco"))
+  p.add_argument("--prompts", help="prompt CSV (or a shipped one: imagenette, "
+                 "imagenet-50, imagenet-15, art_50, art_5, coco); nsfw needs the I2P CSV")
+  p.add_argument("--per-class", type=int, help="rows per class (default: the "
+                 "suite's, 130 for objects; 0: all)")
+  p.add_argument("--max-rows", type=int, help="rows in all (default: the suite's, "
+                 "300 for nsfw; 0: all)")
+  p.add_argument("--steps", type=_positive_int, help="sampler steps (default 50)")
+  p.add_argument("--guidance", type=float, help="guidance scale (default 7.5)")
+  p.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
+  p.add_argument("--batch", type=_positive_int, default=8, help="images per compiled call")
+  p.add_argument("--classifier", help="objects: ResNet-50 .safetensors (torchvision/timm "
+                 "layout) or Hugging Face ResNet folder")
+  p.add_argument("--clip", help="CLIP folder or cached id (artists, coco; with objects: "
+                 "also CLIP zero-shot accuracy)")
+  p.add_argument("--out", required=True, help="output folder (its images/ cache is reused "
+                 "by reruns)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
   _add_compile_cache(p)
   return parser
 
@@ -389,6 +417,21 @@ def _inspect_lines(file, kernels, meta) -> list[str]:
   return lines
 
 
+def _eval(args, stop) -> int:
+  from scapre_jax import erase
+  from scapre_jax.evaluation import protocol, report, run
+  edits = protocol.edit_paths(args.edit or (), args.edits)
+  config = run.EvalConfig(
+      edits=tuple(map(str, edits)), suite=args.suite, out=args.out,
+      model=args.model, prompts=args.prompts, per_class=args.per_class,
+      max_rows=args.max_rows, steps=args.steps, guidance=args.guidance, size=args.size,
+      batch=args.batch, classifier=args.classifier, clip=args.clip)
+  erase.enable_compile_cache(args.compile_cache)
+  result = run.run(config, progress=not args.no_progress, stop=stop)
+  print(report.table(result), end="")
+  return 0
+
+
 def _verify(args) -> int:
   import jax
   jax.config.update("jax_enable_x64", True)  # the reference's float64 and the UNet check
@@ -448,7 +491,9 @@ def main(argv=None) -> int:
       return _command(args, stop)
     except KeyboardInterrupt:
       kept = (" (finished sets are kept; a rerun skips them)"
-              if args.command == "erase" and args.sets else "")
+              if args.command == "erase" and args.sets else
+              " (rendered images are kept; a rerun resumes)"
+              if args.command == "eval" else "")
       print(f"{where}: interrupted; nothing half-written was left{kept}",
             file=sys.stderr, flush=True)
       return 130
@@ -468,6 +513,8 @@ def _command(args, stop) -> int:
     return _verify(args)
   if args.command == "generate":
     return _generate(args)
+  if args.command == "eval":
+    return _eval(args, stop)
   from scapre_jax import console
   console.quiet_library_logs()
   if args.command == "tiny":
