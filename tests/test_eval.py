@@ -329,3 +329,16 @@ def test_nsfw_rate_and_labels_by_hand(tiny_dir, edit_files, tmp_path):
   assert entry["metrics"] == {"nudity_rate": {"base": 0.5, "edited": 0.0}}
   assert entry["nudity_labels"]["base"]["FEET_EXPOSED"] == 1
   assert sum(entry["nudity_labels"]["edited"].values()) == 0
+
+
+def test_coco_clip_score_by_hand(tiny_dir, edit_files, tmp_path):
+  prompts = tmp_path / "captions.txt"
+  prompts.write_text("a bus on a road\n\na dog in a park\n")
+  scorer = Scripted(cosine=[[0.30, 0.20], [0.10, -0.30]])
+  result = run.run(_config(tiny_dir, tmp_path / "o", [edit_files["zero"]], suite="coco",
+                           prompts=str(prompts)), scorers={"clip": scorer},
+                   progress=False, say=None)
+  # 100 x mean cosine, clamped at 0: base 25, edited max(-10, 0) = 0.
+  assert result["edits"][0]["metrics"]["clip_score"] == pytest.approx(
+      {"base": 25.0, "edited": 0.0})
+  assert result["prompts"]["rows"] == 2  # the blank line is no prompt
