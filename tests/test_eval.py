@@ -146,6 +146,19 @@ def test_erased_classes_come_from_the_edit_metadata(edit_files):
   assert protocol.erased_classes(half.concepts, classes) == {"tench", "church"}
 
 
+def test_edits_named_after_their_files_or_folders(tiny_model, edit_files, tmp_path):
+  for folder in ("cats", "dogs"):
+    (tmp_path / folder).mkdir()
+    _edit(tmp_path / folder / "edit.safetensors", tiny_model, 1.0, [folder])
+  edits = protocol.read_edits(
+      [tmp_path / "cats" / "edit.safetensors", tmp_path / "dogs" / "edit.safetensors",
+       edit_files["zero"]])
+  assert [e.name for e in edits] == ["cats-edit", "dogs-edit", "zero"]
+  with pytest.raises(ValueError, match="edit files with the same name"):
+    protocol.read_edits([edit_files["zero"], edit_files["zero"]])
+  assert protocol.edit_paths(edits_dir=tmp_path / "cats") == [tmp_path / "cats" / "edit.safetensors"]
+
+
 # -- refusals, before anything renders ------------------------------------------------
 
 

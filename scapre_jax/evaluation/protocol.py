@@ -229,7 +229,7 @@ def read_edits(paths, fingerprint: str | None = None) -> list[EditUnderTest]:
   """Each edit file's name and concepts, its header checked; with
   `fingerprint` (the base model's UNet fingerprint), an edit made for
   another base model is refused."""
-  edits, names = [], set()
+  edits = []
   for path in paths:
     path = pathlib.Path(path)
     _, meta = io.read_edit_file(path)
@@ -238,12 +238,22 @@ def read_edits(paths, fingerprint: str | None = None) -> list[EditUnderTest]:
     concepts = meta.get("concepts")
     if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
       raise ValueError(f"edit file {path} records no concept list in its metadata")
-    name = path.stem
-    if name in names:
-      raise ValueError(f"two edit files named {name}: give them distinct names")
-    names.add(name)
-    edits.append(EditUnderTest(path, name, tuple(concepts), meta))
-  return edits
+    edits.append(EditUnderTest(path, path.stem, tuple(concepts), meta))
+  return _distinct_names(edits)
+
+
+def _distinct_names(edits: list[EditUnderTest]) -> list[EditUnderTest]:
+  """Names for the table and file names: the file stem, or folder/stem for
+  stems that repeat (each single erase writes OUT/edit.safetensors)."""
+  stems = [e.name for e in edits]
+  named = [e if stems.count(e.name) == 1 else dataclasses.replace(
+      e, name=f"{e.path.parent.name}-{e.name}") for e in edits]
+  names = [e.name for e in named]
+  if len(set(names)) != len(names):
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    raise ValueError(f"edit files with the same name: {', '.join(repeated)}; "
+                     "give each a distinct file or folder name")
+  return named
 
 
 def erased_classes(concepts, classes) -> set[str]:
