@@ -36,6 +36,15 @@ class ImageCache:
   def path(self, key: str) -> pathlib.Path:
     return self.folder / key[:2] / f"{key}.png"
 
+  def has(self, key: str) -> bool:
+    """Whether a complete PNG is stored under `key` (writes are atomic, so
+    only a file damaged since fails this)."""
+    try:
+      with open(self.path(key), "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+      return False
+
   def get(self, key: str) -> np.ndarray | None:
     path = self.path(key)
     if not path.is_file():

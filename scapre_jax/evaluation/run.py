@@ -195,7 +195,7 @@ def _run(config, spec, rows, model_path, fingerprint, edits, settings, out, scor
       (e.name, e, images.edit_digest(io.read_edit_file(e.path)[0])) for e in edits]
   keys = {name: [images.content_key({**context, "edit": digest}, r.prompt, r.seed)
                  for r in rows] for name, _, digest in variants}
-  missing = {name: [i for i, k in enumerate(keys[name]) if not cache.path(k).is_file()]
+  missing = {name: [i for i, k in enumerate(keys[name]) if not cache.has(k)]
              for name, _, _ in variants}
   todo = sum(map(len, missing.values()))
   total = len(rows) * len(variants)
