@@ -238,13 +238,14 @@ def size_plot(plt, result: dict):
 # -- writing ------------------------------------------------------------------------
 
 
-def write(out, result: dict, pictures: dict, rows, edits, *, grid_rows: int = 8) -> None:
+def write(out, result: dict, image, rows, edits, *, grid_rows: int = 8) -> None:
   """OUT/eval.json, OUT/table.md, OUT/grids/<edit>.png and OUT/plots/*.png
-  (plots need matplotlib; without it they are skipped and eval.json says so)."""
+  (plots need matplotlib; without it they are skipped and eval.json says so).
+  `image(name, i)`: row i's image of "base" or an edit's name."""
   out = pathlib.Path(out)
   for e, entry in zip(edits, result["edits"]):
     chosen = pick_rows(rows, set(entry["erased_classes"]), grid_rows)
-    grid = labelled_grid([[pictures["base"][i], pictures[e.name][i]] for i in chosen],
+    grid = labelled_grid([[image("base", i), image(e.name, i)] for i in chosen],
                          [_row_label(rows[i], entry) for i in chosen], ["base", e.name])
     generate.write_png(out / "grids" / f"{e.name}.png", grid, overwrite=True)
   plots = []

@@ -25,6 +25,7 @@ from scapre_jax.evaluation import images, metrics, protocol, report
 EVAL_FILE = "eval.json"
 TABLE_FILE = "table.md"
 IMAGES_DIR = "images"
+SCORE_CHUNK = 64  # images handed to a scorer at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,12 +231,16 @@ def _run(config, spec, rows, model_path, fingerprint, edits, settings, out, scor
     scorers = load_scorers(config)
   bar = _bar(total, "score", progress)
   scores = {}
-  pictures = {}
   for name, _, _ in variants:
-    imgs = np.stack([cache.get(k) for k in keys[name]])
-    pictures[name] = imgs
-    scores[name] = score(spec, scorers, rows, imgs, classes)
-    bar.update(len(rows))
+    # In chunks: 1300 SD-size images of one model are 1 GB.
+    parts = []
+    for start in range(0, len(rows), SCORE_CHUNK):
+      stop()
+      chunk = range(start, min(start + SCORE_CHUNK, len(rows)))
+      imgs = np.stack([cache.get(keys[name][i]) for i in chunk])
+      parts.append(score(spec, scorers, rows[chunk.start:chunk.stop], imgs, classes))
+      bar.update(len(chunk))
+    scores[name] = {field: [v for part in parts for v in part[field]] for field in parts[0]}
   bar.close()
 
   result = {
@@ -252,7 +257,8 @@ def _run(config, spec, rows, model_path, fingerprint, edits, settings, out, scor
       "images": {"rendered": generated, "cached": total - generated},
   }
   result["time_s"] = round(time.perf_counter() - started, 3)
-  report.write(out, result, pictures, rows, edits, grid_rows=config.grid_rows)
+  report.write(out, result, lambda name, i: cache.get(keys[name][i]), rows, edits,
+               grid_rows=config.grid_rows)
   say(f"wrote {out / EVAL_FILE}, {out / TABLE_FILE}")
   return result
 
