@@ -153,12 +153,14 @@ def scoring(size: int, images: int, cache: pathlib.Path) -> list[dict]:
       import torch
       torch.manual_seed(0)
       CLIPModel(CLIPConfig()).save_pretrained(folder, safe_serialization=True)
-      # The processor files a real CLIP folder has, from the tiny scorer.
+      # The tokenizer files from the tiny scorer (its ids fit CLIP's vocab);
+      # no preprocessor_config.json, so CLIP's defaults (224 px) apply.
       from scapre_jax.evaluation import tiny_scorers
       with tempfile.TemporaryDirectory() as tmp:
         tiny = tiny_scorers.write_tiny_clip(pathlib.Path(tmp) / "clip")
         for f in pathlib.Path(tiny).iterdir():
-          if f.suffix in (".txt", ".json") and f.name != "config.json":
+          if f.suffix in (".txt", ".json") and f.name not in (
+              "config.json", "preprocessor_config.json"):
             (folder / f.name).write_bytes(f.read_bytes())
     scorer = clip.ClipScorer.load(str(folder))
     texts = [PROMPT] * images
