@@ -355,3 +355,8 @@ def test_coco_clip_score_by_hand(tiny_dir, edit_files, tmp_path):
   assert result["edits"][0]["metrics"]["clip_score"] == pytest.approx(
       {"base": 25.0, "edited": 0.0})
   assert result["prompts"]["rows"] == 2  # the blank line is no prompt
+
+
+def test_config_refuses_no_edits(tiny_dir, tmp_path):
+  with pytest.raises(ValueError, match="no edit given"):
+    _config(tiny_dir, tmp_path / "o", [])

@@ -39,5 +39,5 @@ def test_evaluate_executes(tmp_path, monkeypatch):
   result = json.loads((tmp_path / "eval" / "eval.json").read_text())
   assert [e["name"] for e in result["edits"]] == ["one", "three"]
   assert result["edits"][1]["erased_classes"] == ["church", "parachute", "tench"]
-  assert result["images"] == {"rendered": 90, "cached": 0}  # 10 classes x 3 rows x 3 models
+  assert result["images"] == {"rendered": 60, "cached": 0}  # 10 classes x 2 rows x 3 models
   assert (tmp_path / "eval" / "grids" / "three.png").stat().st_size > 1000

@@ -58,6 +58,8 @@ class EvalConfig:
 
   def __post_init__(self):
     protocol.suite(self.suite)
+    if isinstance(self.edits, str) or not self.edits:
+      raise ValueError("no edit given: pass --edit FILE [FILE ...] or --edits DIR")
     for name in ("per_class", "max_rows"):
       value = getattr(self, name)
       if value is not None and (not isinstance(value, int) or value < 0):
