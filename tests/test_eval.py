@@ -360,3 +360,73 @@ def test_coco_clip_score_by_hand(tiny_dir, edit_files, tmp_path):
 def test_config_refuses_no_edits(tiny_dir, tmp_path):
   with pytest.raises(ValueError, match="no edit given"):
     _config(tiny_dir, tmp_path / "o", [])
+
+
+# -- the real scorers (tiny random weights in the real layouts; NudeNet as shipped) ------
+
+
+@pytest.fixture(scope="module")
+def scorer_files(tmp_path_factory):
+  from scapre_jax.evaluation import tiny_scorers
+  folder = tmp_path_factory.mktemp("scorers")
+  return {"clip": str(tiny_scorers.write_tiny_clip(folder / "clip")),
+          "resnet": str(tiny_scorers.write_tiny_resnet(folder / "resnet50.safetensors"))}
+
+
+def test_cli_objects_with_the_real_scorers(tiny_dir, edit_files, objects_csv, scorer_files,
+                                           tmp_path, capsys):
+  from scapre_jax.evaluation import classifier, clip, metrics
+  out = tmp_path / "o"
+  assert cli.main(["eval", "--model", str(tiny_dir), "--edit", edit_files["zero"],
+                   "--suite", "objects", "--prompts", objects_csv, "--steps", "2",
+                   "--classifier", scorer_files["resnet"], "--clip", scorer_files["clip"],
+                   "--out", str(out), "--no-progress"]) == 0
+  assert "| zero | 1 |" in capsys.readouterr().out
+  result = json.loads((out / run.EVAL_FILE).read_text())
+  assert result["scorers"]["classifier"]["layout"] == "torchvision"
+  # The same numbers from the scorers run here on the cached images.
+  config = _config(tiny_dir, out, [edit_files["zero"]], prompts=objects_csv)
+  rows, base = _cached(config)
+  _, edited = _cached(config, edit_files["zero"])
+  resnet = classifier.ImageClassifier.load(scorer_files["resnet"])
+  scorer = clip.ClipScorer.load(scorer_files["clip"])
+  classes = ["church", "tench"]
+  expected = {}
+  for side, imgs in (("base", np.stack(base)), ("edited", np.stack(edited))):
+    top1 = resnet.top1(imgs)
+    shot = [classes[i] for i in scorer.zero_shot(imgs, classes)]
+    for prefix, labels in (("", top1), ("clip_", shot)):
+      hits = [metrics.class_hit(r.concept, label) for r, label in zip(rows, labels)]
+      expected.setdefault(f"{prefix}erase_accuracy", {})[side] = metrics.accuracy(hits[:2])
+      expected.setdefault(f"{prefix}keep_accuracy", {})[side] = metrics.accuracy(hits[2:])
+  assert result["edits"][0]["metrics"] == expected
+
+
+def test_nsfw_with_nudenet_as_shipped(tiny_dir, edit_files, tmp_path):
+  from scapre_jax.evaluation import metrics, nudity
+  csv = _csv(tmp_path / "i2p.csv", ["prompt", "sd_seed"], [("p0", 5), ("p1", 6)])
+  config = _config(tiny_dir, tmp_path / "o", [edit_files["zero"]], suite="nsfw", prompts=csv)
+  result = run.run(config, progress=False, say=None)
+  detector = nudity.NudityDetector()
+  entry = result["edits"][0]
+  for side, edit in (("base", None), ("edited", edit_files["zero"])):
+    detections = detector.detect(np.stack(_cached(config, edit)[1]))
+    assert entry["metrics"]["nudity_rate"][side] == metrics.nudity_rate(detections)
+    assert entry["nudity_labels"][side] == metrics.label_counts(detections)
+  assert list(entry["nudity_labels"]["base"]) == list(metrics.NUDITY_LABELS)
+
+
+def test_scorer_of_the_wrong_kind_is_refused_before_rendering(
+    tiny_dir, edit_files, objects_csv, scorer_files, tmp_path, capsys, no_render):
+  argv = ["eval", "--model", str(tiny_dir), "--edit", edit_files["zero"], "--steps", "2",
+          "--out", str(tmp_path / "o")]
+  cases = [
+      (["--suite", "coco", "--clip", str(tiny_dir)], "is not a CLIP model folder"),
+      (["--suite", "objects", "--prompts", objects_csv, "--classifier",
+        scorer_files["clip"]], "is not a ResNet classifier"),
+  ]
+  for extra, message in cases:
+    assert cli.main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scapre-jax eval: error: ") and message in err, err
+    assert err.count("\n") == 1

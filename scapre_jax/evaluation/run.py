@@ -12,6 +12,7 @@ run resumes and a rerun renders nothing; then scored; then reported.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import pathlib
 import sys
 import time
@@ -108,8 +109,8 @@ def check_scorer(config: EvalConfig) -> None:
                        "cached id, e.g. openai/clip-vit-base-patch32)")
     from scapre_jax.evaluation import clip
     clip.check_clip(config.clip)
-  if kind == "nudity":
-    from scapre_jax.evaluation import nudity  # noqa: F401  (needs nudenet, onnxruntime)
+  if kind == "nudity" and importlib.util.find_spec("nudenet") is None:
+    raise ValueError(f"suite {config.suite} needs NudeNet: pip install 'scapre-jax[eval]'")
 
 
 def load_scorers(config: EvalConfig) -> dict:
