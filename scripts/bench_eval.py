@@ -14,12 +14,15 @@ that compiles. PyTorch: `StableDiffusionPipeline(..., output_type="np")`,
 float32, the same scheduler config, timed after one warm-up call. Each side
 runs in its own subprocess, so their thread pools and memory do not meet.
 
-Scoring (`--score`): the eval's scorers on random uint8 images of the
-suite's size: CLIP ViT-B/32 (transformers' default CLIPConfig, random
-weights) and NudeNet as shipped; what is not installed is skipped and said so.
+Scoring (`--sides score`): the eval's scorers on random uint8 images of
+the shapes' size (16 or 512 px; each scorer resizes to its own input):
+CLIP ViT-B/32 (transformers' default CLIPConfig), ResNet-50 (transformers'
+default ResNetConfig, 1000 classes), both random weights, and NudeNet as
+shipped; what is not installed is skipped and said so.
 
   python scripts/bench_eval.py --shapes tiny --images 16 --steps 2 --json benchmarks/cpu/eval_tiny.json
   python scripts/bench_eval.py --shapes sd15 --images 2 --batch 1 --steps 1 --json benchmarks/cpu/eval_sd15.json
+  python scripts/bench_eval.py --shapes sd15 --sides score --images 32 --json benchmarks/cpu/eval_score_512.json
 """
 
 from __future__ import annotations
@@ -172,6 +175,24 @@ def scoring(size: int, images: int, cache: pathlib.Path) -> list[dict]:
                     "run_s": run_s, "images_per_s": images / run_s})
   except ImportError as err:
     results.append({"scorer": "CLIP", "skipped": f"not installed: {err}"})
+  try:
+    from transformers import ResNetConfig, ResNetForImageClassification
+    from scapre_jax.evaluation import classifier
+    folder = cache / "random-resnet50"
+    if not folder.is_dir():
+      import torch
+      torch.manual_seed(0)
+      ResNetForImageClassification(ResNetConfig(num_labels=1000)).save_pretrained(
+          folder, safe_serialization=True)
+    clf = classifier.ImageClassifier.load(str(folder))
+    clf.top1(imgs[:2])
+    t0 = time.perf_counter()
+    clf.top1(imgs)
+    run_s = time.perf_counter() - t0
+    results.append({"scorer": "ResNet-50 (Flax, random weights) top-1", "images": images,
+                    "run_s": run_s, "images_per_s": images / run_s})
+  except ImportError as err:
+    results.append({"scorer": "ResNet-50", "skipped": f"not installed: {err}"})
   try:
     from scapre_jax.evaluation import nudity
     det = nudity.NudityDetector()
