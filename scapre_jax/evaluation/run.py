@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from scapre_jax import io, models, outputs
-from scapre_jax.evaluation import images, metrics, protocol, report
+from scapre_jax.evaluation import images, protocol, report
 
 EVAL_FILE = "eval.json"
 TABLE_FILE = "table.md"
