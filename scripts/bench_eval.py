@@ -143,67 +143,67 @@ def torch_side(model: str, images: int, steps: int, batch: int, threads: int) ->
           "run_s": run_s, "images_per_s": images / run_s}
 
 
+def random_clip(cache: pathlib.Path):
+  """The eval's CLIP scorer on a CLIP ViT-B/32 folder with random weights."""
+  from transformers import CLIPConfig, CLIPModel
+  from scapre_jax.evaluation import clip
+  folder = cache / "random-clip-vit-b32"
+  if not folder.is_dir():
+    import torch
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig()).save_pretrained(folder, safe_serialization=True)
+    # The tokenizer files from the tiny scorer (its ids fit CLIP's vocab);
+    # no preprocessor_config.json, so CLIP's defaults (224 px) apply.
+    from scapre_jax.evaluation import tiny_scorers
+    with tempfile.TemporaryDirectory() as tmp:
+      tiny = tiny_scorers.write_tiny_clip(pathlib.Path(tmp) / "clip")
+      for f in pathlib.Path(tiny).iterdir():
+        if f.suffix in (".txt", ".json") and f.name not in (
+            "config.json", "preprocessor_config.json"):
+          (folder / f.name).write_bytes(f.read_bytes())
+  return clip.ClipScorer.load(str(folder))
+
+
+def random_resnet50(cache: pathlib.Path):
+  """The eval's classifier on a transformers ResNet-50 with random weights."""
+  from transformers import ResNetConfig, ResNetForImageClassification
+  from scapre_jax.evaluation import classifier
+  folder = cache / "random-resnet50"
+  if not folder.is_dir():
+    import torch
+    torch.manual_seed(0)
+    ResNetForImageClassification(ResNetConfig(num_labels=1000)).save_pretrained(
+        folder, safe_serialization=True)
+  return classifier.ImageClassifier.load(str(folder))
+
+
+def nudenet(cache: pathlib.Path):
+  from scapre_jax.evaluation import nudity
+  return nudity.NudityDetector()
+
+
 def scoring(size: int, images: int, cache: pathlib.Path) -> list[dict]:
   import numpy as np
   rng = np.random.default_rng(0)
   imgs = rng.integers(0, 256, (images, size, size, 3), dtype=np.uint8)
+  texts = [PROMPT] * images
   results = []
-  try:
-    from transformers import CLIPConfig, CLIPModel
-    from scapre_jax.evaluation import clip
-    folder = cache / "random-clip-vit-b32"
-    if not folder.is_dir():
-      import torch
-      torch.manual_seed(0)
-      CLIPModel(CLIPConfig()).save_pretrained(folder, safe_serialization=True)
-      # The tokenizer files from the tiny scorer (its ids fit CLIP's vocab);
-      # no preprocessor_config.json, so CLIP's defaults (224 px) apply.
-      from scapre_jax.evaluation import tiny_scorers
-      with tempfile.TemporaryDirectory() as tmp:
-        tiny = tiny_scorers.write_tiny_clip(pathlib.Path(tmp) / "clip")
-        for f in pathlib.Path(tiny).iterdir():
-          if f.suffix in (".txt", ".json") and f.name not in (
-              "config.json", "preprocessor_config.json"):
-            (folder / f.name).write_bytes(f.read_bytes())
-    scorer = clip.ClipScorer.load(str(folder))
-    texts = [PROMPT] * images
-    scorer.cosine(imgs[:2], texts[:2])
+  for name, load, call in (
+      ("CLIP ViT-B/32 (Flax, random weights) cosine", random_clip,
+       lambda s, x: s.cosine(x, texts[:len(x)])),
+      ("ResNet-50 (Flax, random weights) top-1", random_resnet50, lambda s, x: s.top1(x)),
+      ("NudeNet 3.4.2 (onnxruntime)", nudenet, lambda s, x: s.detect(x))):
+    try:
+      scorer = load(cache)
+    except ImportError as err:
+      results.append({"scorer": name, "skipped": f"not installed: {err}"})
+      continue
+    call(scorer, imgs[:2])  # compiles
     t0 = time.perf_counter()
-    scorer.cosine(imgs, texts)
+    call(scorer, imgs)
     run_s = time.perf_counter() - t0
-    results.append({"scorer": "CLIP ViT-B/32 (Flax, random weights) cosine", "images": images,
-                    "run_s": run_s, "images_per_s": images / run_s})
-  except ImportError as err:
-    results.append({"scorer": "CLIP", "skipped": f"not installed: {err}"})
-  try:
-    from transformers import ResNetConfig, ResNetForImageClassification
-    from scapre_jax.evaluation import classifier
-    folder = cache / "random-resnet50"
-    if not folder.is_dir():
-      import torch
-      torch.manual_seed(0)
-      ResNetForImageClassification(ResNetConfig(num_labels=1000)).save_pretrained(
-          folder, safe_serialization=True)
-    clf = classifier.ImageClassifier.load(str(folder))
-    clf.top1(imgs[:2])
-    t0 = time.perf_counter()
-    clf.top1(imgs)
-    run_s = time.perf_counter() - t0
-    results.append({"scorer": "ResNet-50 (Flax, random weights) top-1", "images": images,
-                    "run_s": run_s, "images_per_s": images / run_s})
-  except ImportError as err:
-    results.append({"scorer": "ResNet-50", "skipped": f"not installed: {err}"})
-  try:
-    from scapre_jax.evaluation import nudity
-    det = nudity.NudityDetector()
-    det.detect(imgs[:1])
-    t0 = time.perf_counter()
-    det.detect(imgs)
-    run_s = time.perf_counter() - t0
-    results.append({"scorer": "NudeNet 3.4.2 (onnxruntime)", "images": images,
-                    "run_s": run_s, "images_per_s": images / run_s})
-  except ImportError as err:
-    results.append({"scorer": "NudeNet", "skipped": f"not installed: {err}"})
+    results.append({"scorer": name, "images": images, "run_s": run_s,
+                    "images_per_s": images / run_s})
   return results
 
 
