@@ -101,12 +101,15 @@ class Renderer:
   def __init__(self, model_path, *, steps: int, guidance: float, size: int | None,
                batch: int, dtype: str = "float32"):
     self.model = models.load_model(model_path, dtype=dtype)
+    if self.model.family not in ("sd1", "sd2"):
+      raise ValueError(f"eval renders SD 1.x and 2.x models; {self.model.path} is "
+                       f"{self.model.family}")
     _, self.vae_params, vae_config = generate.load_vae(self.model.path, dtype=dtype)
     self.size = generate._image_size(size, self.model.unet_config, vae_config)
     self.pipe = generate._pipeline(
-        json.dumps(self.model.unet_config, sort_keys=True),
+        self.model.family, json.dumps(self.model.unet_config, sort_keys=True),
         json.dumps(vae_config, sort_keys=True),
-        self.model.text_encoder.config.to_json_string(),
+        tuple(t.module.config.to_json_string() for t in self.model.text_encoders),
         json.dumps(generate.read_scheduler_config(self.model.path), sort_keys=True), dtype)
     scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
     self.latent_shape = (self.model.unet_config.get("in_channels", 4),
@@ -137,8 +140,8 @@ class Renderer:
     latents = np.concatenate([latents, np.repeat(latents[:1], padded - n, axis=0)])
     empty = np.repeat(empty, self.batch, axis=0)
     params = {"unet": unet_params, "vae": self.vae_params,
-              "text_encoder": self.model.text_params,
-              "scheduler": self.pipe.scheduler.create_state()}
+              "scheduler": self.pipe.scheduler.create_state(),
+              **{t.part: t.params for t in self.model.text_encoders}}
     out = []
     for i in range(0, padded, self.batch):
       batch_ids, batch_latents, batch_empty = ids[i:i + self.batch], latents[
