@@ -418,7 +418,8 @@ def _inspect_lines(file, kernels, meta) -> list[str]:
 
 
 def _eval(args, stop) -> int:
-  from scapre_jax import erase
+  from scapre_jax import cache, console
+  console.quiet_library_logs()
   from scapre_jax.evaluation import protocol, report, run
   edits = protocol.edit_paths(args.edit or (), args.edits)
   config = run.EvalConfig(
@@ -426,7 +427,7 @@ def _eval(args, stop) -> int:
       model=args.model, prompts=args.prompts, per_class=args.per_class,
       max_rows=args.max_rows, steps=args.steps, guidance=args.guidance, size=args.size,
       batch=args.batch, classifier=args.classifier, clip=args.clip)
-  erase.enable_compile_cache(args.compile_cache)
+  cache.enable_compile_cache(args.compile_cache)
   result = run.run(config, progress=not args.no_progress, stop=stop)
   print(report.table(result), end="")
   return 0

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from scapre_jax import io, models, outputs, text, tiny
+from scapre_jax import io, models, outputs, sharding, text, tiny
 
 with warnings.catch_warnings():
   warnings.filterwarnings("ignore", ".*classes are deprecated", FutureWarning)
@@ -171,7 +171,7 @@ def sampler(model: models.LoadedModel, *, size: int | None = None) -> Sampler:
   # The module is dropped: the cached pipeline holds an equal one.
   _, vae_params, vae_config = load_vae(model.path, dtype=model.dtype)
   scheduler_config = read_scheduler_config(model.path)
-  size = _image_size(size, model.unet_config, vae_config)
+  size = image_size(size, model.unet_config, vae_config)
   pipe = _pipeline(model.family, json.dumps(model.unet_config, sort_keys=True),
                    json.dumps(vae_config, sort_keys=True),
                    tuple(t.module.config.to_json_string() for t in model.text_encoders),
@@ -182,16 +182,19 @@ def sampler(model: models.LoadedModel, *, size: int | None = None) -> Sampler:
 
 def render(sampling: Sampler, unet_params, prompts: Sequence[str], *,
            seeds: int | Sequence[int] = 0, steps: int = 25, guidance: float = 7.5,
-           batch_size: int = 4, label: str = "") -> np.ndarray:
+           batch_size: int = 4, label: str = "", mesh=None) -> np.ndarray:
   """Images (len(prompts), size, size, 3) uint8 of `prompts` with the UNet
   `unet_params` (the model's own, or edited ones of the same shapes).
 
   `seeds` an int: prompt i's initial noise comes from key
-  `split(key(seeds), n)[i]`; a sequence: from `key(seeds[i])`. Either way an
+  `split(key(seeds), n)[i]`; a sequence: prompt i gets the noise a lone
+  prompt gets from the int `seeds[i]` (`split(key(seeds[i]), 1)[0]`), so
+  its image is `scapre-jax generate --seed seeds[i]`'s. Either way an
   image depends neither on the other prompts nor on `batch_size` (prompts
   per compiled call; the last batch is padded), up to float rounding (one
-  uint8 level). Raises ValueError, naming the prompts (and `label`, e.g.
-  "after"), if an image is not finite.
+  uint8 level). With `mesh` (`sharding.sets_mesh()`), each batch, rounded
+  up to a multiple of the devices, is split over them. Raises ValueError,
+  naming the prompts (and `label`, e.g. "after"), if an image is not finite.
   """
   prompts = _prompts(prompts)
   _check_positive("steps", steps)
@@ -204,7 +207,8 @@ def render(sampling: Sampler, unet_params, prompts: Sequence[str], *,
     seeds = list(seeds)
     if len(seeds) != n or not all(isinstance(s, int) and 0 <= s < 2 ** 32 for s in seeds):
       raise ValueError(f"seeds must be one int or {n} ints in [0, 2**32 - 1], got {seeds!r}")
-    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s), 1)[0])(
+        jnp.asarray(seeds, jnp.uint32))
   # SD: ids (n, L); SDXL: (n, 2, L), one row per tokenizer, as the pipeline's
   # prepare_inputs stacks them.
   ids, _ = text.tokenize_model(model, prompts)
@@ -222,6 +226,8 @@ def render(sampling: Sampler, unet_params, prompts: Sequence[str], *,
       lambda k: jax.random.normal(k, latent_shape, jnp.float32))(keys))
 
   batch = min(batch_size, 1 << (n - 1).bit_length())
+  if mesh is not None:
+    batch = -(-batch // mesh.size) * mesh.size
   padded = -(-n // batch) * batch
   ids = np.concatenate([ids, np.repeat(ids[:1], padded - n, axis=0)])
   latents = np.concatenate([latents, np.repeat(latents[:1], padded - n, axis=0)])
@@ -230,10 +236,11 @@ def render(sampling: Sampler, unet_params, prompts: Sequence[str], *,
   params = {"unet": unet_params, "vae": sampling.vae_params,
             "scheduler": pipe.scheduler.create_state(),
             **{t.part: t.params for t in model.text_encoders}}
+  place = (lambda x: x) if mesh is None else (lambda x: sharding.shard_sets(x, mesh))
   images = np.concatenate([
-      np.asarray(_render(pipe, params, ids[i:i + batch], empty,
-                         latents[i:i + batch], float(guidance),
-                         steps=steps, size=size), np.float32)
+      np.asarray(_render(pipe, params, *place((ids[i:i + batch], empty,
+                                               latents[i:i + batch])),
+                         float(guidance), steps=steps, size=size), np.float32)
       for i in range(0, padded, batch)])[:n]  # (n, size, size, 3) in [0, 1]
   bad = [p for p, image in zip(prompts, images) if not np.isfinite(image).all()]
   if bad:
@@ -420,7 +427,7 @@ def _check_positive(name: str, value) -> None:
     raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _image_size(size, unet_config: dict, vae_config: dict) -> int:
+def image_size(size, unet_config: dict, vae_config: dict) -> int:
   """Image side in pixels: a multiple of 8 (the pipeline's demand) whose
   latent the UNet can halve at each of its down blocks."""
   scale = 2 ** (len(vae_config["block_out_channels"]) - 1)

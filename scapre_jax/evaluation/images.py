@@ -20,11 +20,10 @@ import pathlib
 from collections.abc import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from scapre_jax import generate, models, sharding, text
+from scapre_jax import generate, models, sharding
 
 
 class ImageCache:
@@ -90,12 +89,13 @@ def model_context(model_path, *, steps: int, guidance: float, size: int,
 
 
 class Renderer:
-  """The model's networks and compiled sampler, loaded once.
+  """The model and its compiled sampler (`generate.sampler`), loaded once.
 
-  `render(unet_params, prompts, seeds)` -> uint8 images (N, size, size, 3).
-  Rows go through in batches of `batch` (rounded up to a multiple of the
-  local device count and sharded over the devices; the last batch is
-  padded), so the sampler compiles once for every edit.
+  `render(unet_params, prompts, seeds)` -> uint8 images (N, size, size, 3)
+  through `generate.render`, row i with the noise of its own seed. Rows go
+  through in batches of `batch` (rounded up to a multiple of the local
+  device count and sharded over the devices; the last batch is padded), so
+  the sampler compiles once for every edit.
   """
 
   def __init__(self, model_path, *, steps: int, guidance: float, size: int | None,
@@ -104,16 +104,8 @@ class Renderer:
     if self.model.family not in ("sd1", "sd2"):
       raise ValueError(f"eval renders SD 1.x and 2.x models; {self.model.path} is "
                        f"{self.model.family}")
-    _, self.vae_params, vae_config = generate.load_vae(self.model.path, dtype=dtype)
-    self.size = generate._image_size(size, self.model.unet_config, vae_config)
-    self.pipe = generate._pipeline(
-        self.model.family, json.dumps(self.model.unet_config, sort_keys=True),
-        json.dumps(vae_config, sort_keys=True),
-        tuple(t.module.config.to_json_string() for t in self.model.text_encoders),
-        json.dumps(generate.read_scheduler_config(self.model.path), sort_keys=True), dtype)
-    scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    self.latent_shape = (self.model.unet_config.get("in_channels", 4),
-                         self.size // scale, self.size // scale)
+    self.sampling = generate.sampler(self.model, size=size)
+    self.size = self.sampling.size
     self.steps, self.guidance = steps, float(guidance)
     devices = len(jax.local_devices())
     self.batch = -(-batch // devices) * devices
@@ -127,39 +119,13 @@ class Renderer:
     return models.replace_kernels(self.model.unet_params, kernels)
 
   def render(self, unet_params, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
-    n = len(prompts)
-    length = text.sequence_length(self.model)
-    ids, _ = text.tokenize(self.model.tokenizer, list(prompts), max_length=length)
-    empty, _ = text.tokenize(self.model.tokenizer, [""], max_length=length)
-    # Row i's noise is what `generate` draws for one prompt with seed i.
-    latents = np.stack([np.asarray(jax.random.normal(
-        jax.random.split(jax.random.key(int(s)), 1)[0], self.latent_shape, jnp.float32))
-        for s in seeds])
-    padded = -(-n // self.batch) * self.batch
-    ids = np.concatenate([ids, np.repeat(ids[:1], padded - n, axis=0)])
-    latents = np.concatenate([latents, np.repeat(latents[:1], padded - n, axis=0)])
-    empty = np.repeat(empty, self.batch, axis=0)
-    params = {"unet": unet_params, "vae": self.vae_params,
-              "scheduler": self.pipe.scheduler.create_state(),
-              **{t.part: t.params for t in self.model.text_encoders}}
-    out = []
-    for i in range(0, padded, self.batch):
-      batch_ids, batch_latents, batch_empty = ids[i:i + self.batch], latents[
-          i:i + self.batch], empty
-      if self.mesh is not None:
-        batch_ids, batch_latents, batch_empty = sharding.shard_sets(
-            (batch_ids, batch_latents, batch_empty), self.mesh)
-      out.append(np.asarray(generate._render(
-          self.pipe, params, batch_ids, batch_empty, batch_latents, self.guidance,
-          steps=self.steps, size=self.size), np.float32))
-    images = np.concatenate(out)[:n]
-    if not np.isfinite(images).all():
-      raise ValueError("an image is not finite (NaN or inf pixels; numerical overflow?)")
-    return (images * 255).round().astype(np.uint8)
+    return generate.render(self.sampling, unet_params, list(prompts),
+                           seeds=[int(s) for s in seeds], steps=self.steps,
+                           guidance=self.guidance, batch_size=self.batch, mesh=self.mesh)
 
 
 def image_size(model_path, size: int | None) -> int:
   """The image side an eval renders: `size`, checked against the model, or
   the model's default; read from the configs alone."""
-  return generate._image_size(size, models.read_config(model_path, "unet"),
-                              models.read_config(model_path, "vae"))
+  return generate.image_size(size, models.read_config(model_path, "unet"),
+                             models.read_config(model_path, "vae"))

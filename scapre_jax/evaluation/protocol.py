@@ -225,16 +225,16 @@ def edit_paths(edit=(), edits_dir=None) -> list[pathlib.Path]:
   return paths
 
 
-def read_edits(paths, fingerprint: str | None = None) -> list[EditUnderTest]:
+def read_edits(paths, fingerprint: str | None = None, model=None) -> list[EditUnderTest]:
   """Each edit file's name and concepts, its header checked; with
-  `fingerprint` (the base model's UNet fingerprint), an edit made for
-  another base model is refused."""
+  `fingerprint` (the UNet fingerprint of the base model `model`), an edit
+  made for another base model is refused."""
   edits = []
   for path in paths:
     path = pathlib.Path(path)
     _, meta = io.read_edit_file(path)
     if fingerprint is not None:
-      _check_fingerprint(path, meta, fingerprint)
+      io.check_fingerprint(path, meta, fingerprint, model, action="evaluate")
     concepts = meta.get("concepts")
     if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
       raise ValueError(f"edit file {path} records no concept list in its metadata")
@@ -268,9 +268,3 @@ def base_fingerprint(model_path) -> str:
   _, files = models.weight_files(model_path, "unet")
   return models.fingerprint(files)
 
-
-def _check_fingerprint(path, meta, fingerprint):  # TODO: io's, once issue 12 lands
-  import types
-  from scapre_jax import generate
-  generate._check_fingerprint(path, meta, types.SimpleNamespace(
-      fingerprint=fingerprint, path="the --model"))

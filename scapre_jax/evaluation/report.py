@@ -10,11 +10,10 @@ it applies are `metrics`'s; `RULES` says in words what each suite computes.
 from __future__ import annotations
 
 import pathlib
-import textwrap
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from scapre_jax import generate, io, outputs
 from scapre_jax.evaluation import metrics, protocol
@@ -154,26 +153,17 @@ def pick_rows(rows: Sequence[protocol.PromptRow], erased: set[str], n: int) -> l
   return chosen[:n]
 
 
-def labelled_grid(cells: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str],
-                  column_labels: Sequence[str], *, cell: int = 128) -> np.ndarray:
-  """(H, W, 3) uint8: `cells[row][column]` images scaled to `cell` px, the
-  column labels above, each row's label (wrapped) on its left."""
-  label_w, title_h = 2 * cell, 20
-  height = title_h + cell * len(cells)
-  width = label_w + cell * len(column_labels)
-  canvas = Image.new("RGB", (width, height), "white")
-  draw = ImageDraw.Draw(canvas)
-  for j, name in enumerate(column_labels):
-    draw.text((label_w + j * cell + 4, 4), name[:cell // 6], fill="black")
-  for i, (row, label) in enumerate(zip(cells, row_labels)):
-    top = title_h + i * cell
-    wrapped = textwrap.wrap(label, width=label_w // 6)[:cell // 12]
-    draw.multiline_text((4, top + 4), "\n".join(wrapped), fill="black")
-    for j, image in enumerate(row):
-      resample = Image.NEAREST if image.shape[0] < cell else Image.BICUBIC
-      canvas.paste(Image.fromarray(image).resize((cell, cell), resample),
-                   (label_w + j * cell, top))
-  return np.asarray(canvas)
+def before_after(pairs: Sequence[tuple[np.ndarray, np.ndarray]], labels: Sequence[str],
+                 columns: Sequence[str], *, cell: int = 128) -> np.ndarray:
+  """The labelled grid (`generate.label_grid`) of (base, edited) image
+  pairs, one row each; images smaller than `cell` px are scaled up (nearest
+  neighbour) so the labels fit beside them."""
+  def scaled(image):
+    if image.shape[0] >= cell:
+      return image
+    return np.asarray(Image.fromarray(image).resize((cell, cell), Image.NEAREST))
+  grid = np.concatenate([np.concatenate([scaled(a), scaled(b)], axis=1) for a, b in pairs])
+  return generate.label_grid(grid, labels, columns)[0]
 
 
 # -- plots ---------------------------------------------------------------------------
@@ -245,8 +235,8 @@ def write(out, result: dict, image, rows, edits, *, grid_rows: int = 8) -> None:
   out = pathlib.Path(out)
   for e, entry in zip(edits, result["edits"]):
     chosen = pick_rows(rows, set(entry["erased_classes"]), grid_rows)
-    grid = labelled_grid([[image("base", i), image(e.name, i)] for i in chosen],
-                         [_row_label(rows[i], entry) for i in chosen], ["base", e.name])
+    grid = before_after([(image("base", i), image(e.name, i)) for i in chosen],
+                        [_row_label(rows[i], entry) for i in chosen], ["base", e.name])
     generate.write_png(out / "grids" / f"{e.name}.png", grid, overwrite=True)
   plots = []
   plt = _pyplot()

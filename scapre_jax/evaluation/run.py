@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from scapre_jax import io, models, outputs
+from scapre_jax import console, io, models, outputs, tiny
 from scapre_jax.evaluation import images, protocol, report
 
 EVAL_FILE = "eval.json"
@@ -151,12 +151,8 @@ def score(suite: protocol.Suite, scorers: dict, rows: Sequence[protocol.PromptRo
 # -- the run ---------------------------------------------------------------------------
 
 
-def _stderr(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
-
-
 def run(config: EvalConfig, *, scorers: dict | None = None, progress: bool = True,
-        say: Callable[[str], None] | None = _stderr,
+        say: Callable[[str], None] | None = console.say,
         stop: Callable[[], None] | None = None) -> dict:
   """Runs the eval and returns eval.json's content. `scorers` replaces the
   configured ones (tests pass stand-ins); `stop()` is called between
@@ -169,13 +165,10 @@ def run(config: EvalConfig, *, scorers: dict | None = None, progress: bool = Tru
                             max_rows=config.max_rows)
   if scorers is None:
     check_scorer(config)
-  if config.model is None:
-    from scapre_jax import erase
-    model_path = erase.ensure_tiny_model()
-  else:
-    model_path = models.resolve(config.model)
+  model_path = (tiny.ensure_tiny_model() if config.model is None
+                else models.resolve(config.model))
   fingerprint = protocol.base_fingerprint(model_path)
-  edits = protocol.read_edits(config.edits, fingerprint)
+  edits = protocol.read_edits(config.edits, fingerprint, model_path)
   size = images.image_size(model_path, config.size)
   settings = config.settings(size)
   protected = [model_path, *(e.path for e in edits)]
