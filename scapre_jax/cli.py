@@ -201,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
                  "by reruns)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   _add_compile_cache(p)
+
+  p = sub.add_parser("eval-table", help="the paper's table across suites, from "
+                     "several eval OUT folders (one suite each)")
+  p.add_argument("evals", nargs="+", metavar="DIR", help="eval OUT folders (or eval.json files)")
+  p.add_argument("--out", help="also write the table to this markdown file")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
   return parser
 
 
@@ -462,6 +468,32 @@ def _generate(args) -> int:
   return 0
 
 
+def _eval_table(args) -> int:
+  import json
+  from scapre_jax import outputs
+  from scapre_jax.evaluation import report
+  results = []
+  for given in args.evals:
+    path = pathlib.Path(given)
+    path = path / "eval.json" if path.is_dir() else path
+    try:
+      result = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+      raise ValueError(f"{given}: no eval.json (run scapre-jax eval --out {given} first)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+      raise ValueError(f"{path}: not an eval.json ({err})") from None
+    if not isinstance(result, dict) or result.get("format") != "scapre-jax-eval/1":
+      raise ValueError(f"{path}: not an eval.json written by scapre-jax eval")
+    results.append(result)
+  text = report.table(report.combine(results))
+  if args.out:
+    outputs.check_output(pathlib.Path(args.out), overwrite=args.overwrite)
+    outputs.atomic_file(pathlib.Path(args.out), args.overwrite,
+                        lambda tmp: pathlib.Path(tmp).write_text(text, "utf-8"))
+  print(text, end="")
+  return 0
+
+
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   where = f"scapre-jax {args.command}"
@@ -516,6 +548,8 @@ def _command(args, stop) -> int:
     return _generate(args)
   if args.command == "eval":
     return _eval(args, stop)
+  if args.command == "eval-table":
+    return _eval_table(args)
   from scapre_jax import console
   console.quiet_library_logs()
   if args.command == "tiny":

@@ -129,11 +129,42 @@ def table(result: dict) -> str:
         cell += f" ({_cell(pair['base'], percent)})"
       cells.append(cell)
     lines.append("| " + " | ".join(cells) + " |")
-  s = result["settings"]
-  lines += ["", f"Suite {result['suite']}: {result['prompts']['rows']} prompts, "
-            f"{s['steps']} steps, guidance {s['guidance']}, {s['size']} px. "
-            "Cells: edited (base model, same prompts and seeds)."]
+  parts = result["suites"].values() if "suites" in result else [result]
+  lines += ["", *[_footer(r) for r in parts],
+            "Cells: edited (base model, same prompts and seeds); '-': not measured."]
   return "\n".join(lines) + "\n"
+
+
+def combine(results: Sequence[dict]) -> dict:
+  """One result from several suites' eval.json contents, for the paper's
+  table across suites: an edit's metrics from every suite that measured it,
+  the edits matched by their edit file. Raises ValueError when the results
+  were made for different base models or one suite appears twice."""
+  if not results:
+    raise ValueError("no eval results to combine")
+  models = {r["model"]["fingerprint"] for r in results}
+  if len(models) > 1:
+    raise ValueError("the evals were run on different base models "
+                     f"(UNet fingerprints {sorted(models)}); combine evals of one model")
+  suites = [r["suite"] for r in results]
+  twice = sorted({s for s in suites if suites.count(s) > 1})
+  if twice:
+    raise ValueError(f"suite(s) {twice} appear in more than one eval; give each once")
+  edits: dict[str, dict] = {}
+  for r in results:
+    for e in r["edits"]:
+      key = str(pathlib.Path(e["file"]).resolve())
+      merged = edits.setdefault(key, {**e, "metrics": {}, "suites": []})
+      merged["metrics"].update(e["metrics"])
+      merged["suites"].append(r["suite"])
+  return {"suite": "+".join(suites), "suites": {r["suite"]: r for r in results},
+          "edits": list(edits.values())}
+
+
+def _footer(result: dict) -> str:
+  s = result["settings"]
+  return (f"Suite {result['suite']}: {result['prompts']['rows']} prompts, "
+          f"{s['steps']} steps, guidance {s['guidance']}, {s['size']} px.")
 
 
 # -- grids ---------------------------------------------------------------------------
