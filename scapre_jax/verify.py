@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -165,6 +164,32 @@ def encode_reference_inputs(model_dir: pathlib.Path, prompts, guides, preserve, 
           [embed(p) for p in preserve])
 
 
+def reference_matrix_edit(kernel, name: str, key, encoded, config: EditConfig,
+                          dtype) -> np.ndarray:
+  """`reference.reference_edit` of one matrix in torch `dtype`, with the probe
+  noise the engine draws for `name` under `key`.
+
+  kernel: the original Flax kernel (d_in, d_out); encoded: the tuple of
+  `encode_reference_inputs`. Returns W' (d_out, d_in), numpy of `dtype`.
+  """
+  torch = _torch()
+  from scapre_jax import reference
+  vecs, empty, old, new, kept = encoded
+  weight = np.array(kernel, np.float32).T  # (d_out, d_in), writable for torch
+  noise = probes.draw_probe_noise(
+      edit.matrix_key(key, name), len(old), weight.shape[1],
+      num_pos=config.mi_num_pos, entropy_samples=config.entropy_samples,
+      dtype=jnp.float32)
+  noise = {f: torch.from_numpy(np.array(getattr(noise, f))).to(dtype)
+           for f in ("mi_pos", "mi_neg", "entropy")}
+  cast = lambda t: t.to(dtype)
+  with reference.precision(dtype), torch.no_grad():
+    return reference.reference_edit(
+        torch.from_numpy(weight).to(dtype), cast(vecs), cast(empty),
+        [cast(x) for x in old], [cast(y) for y in new], config, noise,
+        [cast(p) for p in kept]).numpy()
+
+
 def system_condition(config: EditConfig, concept_vecs, old_seqs, preserve_seqs) -> float:
   """cond(A) in float64 of the matrix every solver inverts, less the parts
   that only add to it (mu I and the ASED term of the large-scale solver):
@@ -239,7 +264,6 @@ def run(model_path, edit_file, *, progress: Callable[[str], None] | None = None,
   """Recomputes every matrix of `edit_file` with the reference and compares
   (module docstring). Raises ValueError for a file made for another model."""
   torch = _torch()
-  from scapre_jax import reference
   _check_x64()
   say = progress or (lambda _: None)
   edit_file = pathlib.Path(edit_file)
@@ -258,34 +282,23 @@ def run(model_path, edit_file, *, progress: Callable[[str], None] | None = None,
                      f"{[models.torch_name(n) for n in unknown[:5]]}")
 
   tdtype = torch.float64 if precision == "float64" else torch.float32
-  vecs, empty, old, new, kept = encode_reference_inputs(
-      model.path, prompts, guides, preserve, torch.float64)
+  encoded = encode_reference_inputs(model.path, prompts, guides, preserve, torch.float64)
+  vecs, _, old, _, kept = encoded
   condition = system_condition(config, vecs, old, kept)
-  cast = lambda t: t.to(tdtype)
   key = jax.random.key(seed)
   checks = []
-  with reference.precision(tdtype), torch.no_grad():
-    for name, kernel in written.items():
-      weight = np.array(originals[name], np.float32).T  # (d_out, d_in), writable for torch
-      noise = probes.draw_probe_noise(
-          edit.matrix_key(key, name), len(prompts), weight.shape[1],
-          num_pos=config.mi_num_pos, entropy_samples=config.entropy_samples,
-          dtype=jnp.float32)
-      noise = {f: torch.from_numpy(np.array(getattr(noise, f))).to(tdtype)
-               for f in ("mi_pos", "mi_neg", "entropy")}
-      want = reference.reference_edit(
-          torch.from_numpy(weight).to(tdtype), cast(vecs), cast(empty),
-          [cast(x) for x in old], [cast(y) for y in new], config, noise,
-          [cast(p) for p in kept]).numpy().astype(np.float64)
-      got = kernel.T
-      if precision == "float64":
-        error, tol = _excess_over_rounding(got, want), FLOAT64_TOL
-      else:
-        error = float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want))
-        tol = FLOAT32_FACTOR * condition * UNIT_ROUNDOFF_32
-      checks.append(MatrixCheck(models.torch_name(name), tuple(got.shape), error, tol,
-                                condition))
-      say(f"verify: {checks[-1].name} {'ok' if checks[-1].ok else 'DIFFERS'}")
+  for name, kernel in written.items():
+    want = reference_matrix_edit(originals[name], name, key, encoded, config,
+                                 tdtype).astype(np.float64)
+    got = kernel.T
+    if precision == "float64":
+      error, tol = _excess_over_rounding(got, want), FLOAT64_TOL
+    else:
+      error = float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want))
+      tol = FLOAT32_FACTOR * condition * UNIT_ROUNDOFF_32
+    checks.append(MatrixCheck(models.torch_name(name), tuple(got.shape), error, tol,
+                              condition))
+    say(f"verify: {checks[-1].name} {'ok' if checks[-1].ok else 'DIFFERS'}")
 
   unet_error = None
   if unet:

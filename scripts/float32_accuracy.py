@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import platform
 import shlex
 import sys
 
@@ -52,12 +51,11 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
   args = parse(argv)
   import jax
-  import jax.numpy as jnp
   import numpy as np
   import torch
 
-  from scapre_jax import cli, edit, erase, io, models, precision, reference, requests, tiny, verify
-  from scapre_jax._src import probes
+  import bench_edit  # scripts/: its machine() record, as the benchmark JSONs have
+  from scapre_jax import cli, erase, io, models, precision, requests, tiny, verify
   from scapre_jax.config import EditConfig
   from scapre_jax.edit import edit_projections
 
@@ -75,24 +73,10 @@ def main(argv=None) -> dict:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
-  def released(inputs, dtype, config, prompts):
-    """reference_edit of every matrix with `inputs` cast to `dtype`."""
-    vecs, empty, old, new, kept = inputs
-    out = {}
-    with reference.precision(dtype), torch.no_grad():
-      for name in k32:
-        weight = np.array(k32[name], np.float32).T
-        noise = probes.draw_probe_noise(
-            edit.matrix_key(key, name), len(prompts), weight.shape[1],
-            num_pos=config.mi_num_pos, entropy_samples=config.entropy_samples,
-            dtype=jnp.float32)
-        noise = {f: torch.from_numpy(np.array(getattr(noise, f))).to(dtype)
-                 for f in ("mi_pos", "mi_neg", "entropy")}
-        out[name] = reference.reference_edit(
-            torch.from_numpy(weight).to(dtype), vecs.to(dtype), empty.to(dtype),
-            [x.to(dtype) for x in old], [y.to(dtype) for y in new], config, noise,
-            [p.to(dtype) for p in kept]).numpy().T
-    return out
+  def released(encoded, dtype, config):
+    """The reference's edit of every matrix, text `encoded` cast to `dtype`."""
+    return {name: verify.reference_matrix_edit(k32[name], name, key, encoded, config, dtype).T
+            for name in k32}
 
   def spread(got, want):
     errors = [rel(got[n], want[n]) for n in want]
@@ -110,14 +94,13 @@ def main(argv=None) -> dict:
     ours64 = edit_projections(k64, r64.inputs, config, key=key)
     text_only = edit_projections(k64, precision.cast(r32.inputs, "float64"), config, key=key)
     engine_only = edit_projections(k32, precision.cast(r64.inputs, "float32"), config, key=key)
-    prompts = r64.prompts
     ref_text = {dt: verify.encode_reference_inputs(
-        m64.path, prompts, r64.guides, r64.preserve, dt)
+        m64.path, r64.prompts, r64.guides, r64.preserve, dt)
         for dt in (torch.float32, torch.float64)}
-    released64 = released(ref_text[torch.float64], torch.float64, config, prompts)
-    released32 = released(ref_text[torch.float32], torch.float32, config, prompts)
-    released_text = released(ref_text[torch.float32], torch.float64, config, prompts)
-    released_engine = released(ref_text[torch.float64], torch.float32, config, prompts)
+    released64 = released(ref_text[torch.float64], torch.float64, config)
+    released32 = released(ref_text[torch.float32], torch.float32, config)
+    released_text = released(ref_text[torch.float32], torch.float64, config)
+    released_engine = released(ref_text[torch.float64], torch.float32, config)
     row = {
         "preset": preset, "config": config.to_dict(),
         "ours": spread(ours32, ours64), "released": spread(released32, released64),
@@ -139,8 +122,7 @@ def main(argv=None) -> dict:
       "command": "python scripts/float32_accuracy.py " + shlex.join(
           sys.argv[1:] if argv is None else list(argv)),
       "model": str(model_path), "concepts": list(concepts), "seed": args.seed,
-      "cpu": platform.processor() or platform.machine(), "jax": jax.__version__,
-      "torch": torch.__version__, "results": results,
+      "machine": bench_edit.machine(), "torch": torch.__version__, "results": results,
   }
   if args.json:
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import platform
 import shlex
-import subprocess
 import sys
 
 
@@ -62,6 +60,7 @@ def main(argv=None) -> dict:
   import jax
   import numpy as np
 
+  import bench_edit  # scripts/: its machine() record, as the benchmark JSONs have
   from scapre_jax import io, models, precision, requests, sharding, text, tiny
   from scapre_jax import cache as cache_lib
   from scapre_jax.config import EditConfig
@@ -118,19 +117,12 @@ def main(argv=None) -> dict:
           row["per_set"][s.name]["float64"] = err
         print(f"float32 released  alone against float64 alone {row['float64']:.2e}",
               flush=True)
-  cpu = ""
-  try:
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines()
-        if line.startswith("Model name")), "")
-  except OSError:
-    pass
   record = {
       "command": "python scripts/reproducibility.py " + shlex.join(
           sys.argv[1:] if argv is None else list(argv)),
       "sets": [s.to_dict() for s in concept_sets], "model": str(model_path),
-      "cpu": cpu or platform.processor(), "jax": jax.__version__,
-      "devices": len(mesh.devices.flat), "results": results,
+      "machine": bench_edit.machine(), "devices": len(mesh.devices.flat),
+      "results": results,
   }
   if args.json:
     args.json.parent.mkdir(parents=True, exist_ok=True)
