@@ -17,7 +17,6 @@ its DEFAULT, AVX2 and AVX-512 kernels.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import shlex
 import sys

@@ -4,7 +4,6 @@ multi-process runs, and bad input."""
 import errno
 import json
 import os
-import pathlib
 import re
 import signal
 import socket

@@ -7,7 +7,6 @@ import shutil
 
 import flax.serialization
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors

@@ -7,7 +7,6 @@ for the large-scale solver, and algebraic identities for the rest.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
