@@ -229,15 +229,17 @@ _VARIANT = re.compile(r"\.(fp16|bf16|fp32)(?=\.safetensors$|\.json$|-\d{5}-of-\d
 def drop_variant_names(root: pathlib.Path) -> list[str]:
   """Renames variant weight files (`model.fp16.safetensors`, sharded ones and
   their index) to the plain names, in every folder of `root` that has no
-  plain weights of its own, so that `from_pretrained(root)` loads the folder
-  without a `variant=` argument. Returns the renamed paths (relative)."""
+  plain weights of its own and only one variant (with two, both would take
+  the same name: such a folder is left as it is), so that
+  `from_pretrained(root)` loads the folder without a `variant=` argument.
+  Returns the renamed paths (relative)."""
   renamed = []
   for folder in sorted({p.parent for p in root.rglob("*.safetensors")}):
     files = [p for p in folder.iterdir() if p.is_file()]
     variant = [p for p in files if _VARIANT.search(p.name)
                and (p.suffix == ".safetensors" or ".index." in p.name)]
     plain = [p for p in files if p.suffix == ".safetensors" and p not in variant]
-    if not variant or plain:
+    if not variant or plain or len({_VARIANT.search(p.name)[1] for p in variant}) > 1:
       continue
     for path in variant:
       target = path.with_name(_VARIANT.sub("", path.name))

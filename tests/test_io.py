@@ -377,3 +377,27 @@ def test_fp16_only_folder_gives_a_folder_plain_from_pretrained_loads(
   for name, value in text_src.items():
     if name in text_out:
       np.testing.assert_array_equal(text_out[name].numpy(), value.astype(text_out[name].numpy().dtype))
+
+
+def test_variant_names_drop_only_where_one_variant_is_alone(tmp_path):
+  """Plain names replace variant ones only in a folder whose weights are all
+  of one variant: next to plain weights, or with two variants that would take
+  the same name, nothing is renamed."""
+  def make(*names):
+    for name in names:
+      (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+      (tmp_path / name).write_bytes(name.encode())
+  make("one/model.fp16.safetensors", "two/model.fp16.safetensors",
+       "two/model.bf16.safetensors", "plain/model.safetensors", "plain/model.fp16.safetensors",
+       "shards/m-00001-of-00002.fp16.safetensors", "shards/m-00002-of-00002.fp16.safetensors")
+  (tmp_path / "shards/m.safetensors.index.fp16.json").write_text(json.dumps(
+      {"weight_map": {"a": "m-00001-of-00002.fp16.safetensors",
+                      "b": "m-00002-of-00002.fp16.safetensors"}}))
+  assert sorted(io.drop_variant_names(tmp_path)) == [
+      "one/model.safetensors", "shards/m-00001-of-00002.safetensors",
+      "shards/m-00002-of-00002.safetensors", "shards/m.safetensors.index.json"]
+  assert (tmp_path / "one/model.safetensors").read_bytes() == b"one/model.fp16.safetensors"
+  assert json.loads((tmp_path / "shards/m.safetensors.index.json").read_text())["weight_map"] == {
+      "a": "m-00001-of-00002.safetensors", "b": "m-00002-of-00002.safetensors"}
+  assert files_of(tmp_path / "two") == ["model.bf16.safetensors", "model.fp16.safetensors"]
+  assert files_of(tmp_path / "plain") == ["model.fp16.safetensors", "model.safetensors"]
