@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Literal
 
 Method = Literal["scapre", "scapre-small", "uce"]
@@ -36,6 +37,10 @@ MI_MODES: tuple[str, ...] = ("released", "canonical")
 TOKEN_ROWS: tuple[str, ...] = ("aligned", "last")
 
 
+# Not type-checked under pytest (jaxtyping's import hook): __post_init__
+# validates every field with an error in the user's words, which a type
+# checker's TypeCheckError would pre-empt.
+@typing.no_type_check
 @dataclasses.dataclass(frozen=True)
 class EditConfig:
   """Settings of one edit.

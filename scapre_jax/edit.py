@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -70,6 +71,9 @@ def _cast(inputs: ConceptInputs, dtype) -> ConceptInputs:
       lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, inputs)
 
 
+# The statistics are pytrees: not type-checked under pytest, as JAX rebuilds
+# them with any leaves (ShapeDtypeStruct under eval_shape; see ConceptInputs).
+@typing.no_type_check
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class UCEStatistics:
@@ -88,6 +92,7 @@ class UCEStatistics:
   yx: Array | None
 
 
+@typing.no_type_check
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SmallStatistics(UCEStatistics):
@@ -98,6 +103,7 @@ class SmallStatistics(UCEStatistics):
   residual: Array | None
 
 
+@typing.no_type_check
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ScaPreStatistics(UCEStatistics):
@@ -177,9 +183,10 @@ def row_weights(weight, inputs: ConceptInputs, noise: probes.ProbeNoise,
       temperature=config.mi_temperature, power=config.p, mode=config.mi_mode)
 
 
-def value_sum(weight, inputs: ConceptInputs, stats: UCEStatistics, row_weights,
+def value_sum(weight, inputs: ConceptInputs, stats: UCEStatistics | None, row_weights,
                config: EditConfig) -> Array:
-  """V = eta sum_j diag(r_j) A_j; r_j = 1 when `row_weights` is None."""
+  """V = eta sum_j diag(r_j) A_j; r_j = 1 when `row_weights` is None. Only
+  that case (technique "replace") reads `stats`; otherwise it may be None."""
   eta = config.erase_scale
   if config.technique == "replace" and row_weights is None:
     # A_j = W Y_j^T X_j, so with r_j = 1 the sum needs only sum_j Y_j^T X_j.

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import pathlib
 import time
+import typing
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,6 +34,7 @@ SINGLE_FILE_MODEL = "model.safetensors"  # --full from a single-file model
 ORBAX_DIR = "orbax"
 
 
+@typing.no_type_check  # validated in __post_init__ (see config.EditConfig)
 @dataclasses.dataclass(frozen=True)
 class EraseJob:
   """Everything one `scapre-jax erase` run does.

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import pathlib
+import typing
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -48,6 +49,7 @@ SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler")
 COLUMNS = ("before", "after")
 
 
+@typing.no_type_check  # validated in __post_init__ (see config.EditConfig)
 @dataclasses.dataclass(frozen=True)
 class GenerateConfig:
   """One `scapre-jax generate` run.

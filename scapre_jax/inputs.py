@@ -9,12 +9,16 @@ instance of the same sizes has the same tree structure.
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
+# Not type-checked under pytest: JAX rebuilds pytrees with any leaves (None,
+# axis numbers, ShapeDtypeStruct); `create` and `validate` check real inputs.
+@typing.no_type_check
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ConceptInputs:

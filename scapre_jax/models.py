@@ -410,7 +410,7 @@ def select(params: Mapping[str, Any], pattern: str) -> dict[str, Any]:
 
 def cross_attention_kernels(
     unet_params: Mapping[str, Any], *, targets: tuple[str, ...] = ("to_k", "to_v"),
-) -> dict[str, jax.Array | jax.ShapeDtypeStruct]:
+) -> dict[str, jax.Array | np.ndarray | jax.ShapeDtypeStruct]:
   """Every cross-attention (`attn2`) projection kernel named in `targets`,
   keyed by Flax path, each (d_in, d_out) = W.T of the PyTorch (d_out, d_in).
 

@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import re
+import typing
 import warnings
 from importlib import resources
 
@@ -39,6 +40,7 @@ def builtin_lists() -> dict[str, tuple[str, ...]]:
   return {name: tuple(items) for name, items in json.loads(text).items()}
 
 
+@typing.no_type_check  # validated in __post_init__ (see config.EditConfig)
 @dataclasses.dataclass(frozen=True)
 class ConceptSet:
   """One erase request: concepts (and optional guides, preserve prompts,
@@ -178,7 +180,7 @@ def _optional_strings(value, field):
   return tuple(value)
 
 
-def set_from_dict(entry: dict, *, default_preset: str = "scapre") -> ConceptSet:
+def set_from_dict(entry: object, *, default_preset: str = "scapre") -> ConceptSet:
   """A ConceptSet from one parsed sets-file object."""
   if not isinstance(entry, dict):
     raise ValueError(f"expected a JSON object, got {type(entry).__name__}")

@@ -336,7 +336,8 @@ def _aligned_rows(old, new, n_old, n_new, kept, n_kept):
   """Aligned X_j, Y_j (padded to the longest L_j, with a row mask) and whole
   preserve sequences (docs/algorithm.md "Token rows", "aligned")."""
   seq_len = old.shape[1]
-  slices = [aligned_slices(a, b, seq_len=seq_len) for a, b in zip(n_old, n_new)]
+  slices = [aligned_slices(int(a), int(b), seq_len=seq_len)
+            for a, b in zip(n_old, n_new)]
   rows = max(length for _, _, length in slices)
   old_seqs = np.zeros((len(slices), rows, old.shape[2]), old.dtype)
   new_seqs = np.zeros_like(old_seqs)

@@ -188,7 +188,7 @@ def test_truncation_warns_once_naming_the_prompt(model):
 def _check_pair(inputs, j, old_full, new_full, n_old, n_new):
   """Row j of `inputs` against the released slices of full sequences."""
   _, _, start_old, stop_old, start_new, stop_new = ref.released_token_positions(
-      n_old, n_new, seq_len=SEQ)
+      int(n_old), int(n_new), seq_len=SEQ)
   length = stop_old - start_old
   mask = np.asarray(inputs.seq_mask[j])
   assert mask[:length].all() and not mask[length:].any()
