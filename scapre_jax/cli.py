@@ -23,11 +23,9 @@ import signal
 import sys
 import warnings
 
-from scapre_jax.config import EditConfig, PRESET_HELP, PRESETS
-
-# tiny.TINY_CONFIGS' keys, spelled out so parsing imports no model code
-# (tests/test_cli.py checks they agree).
-TINY_VARIANTS = ("sd1", "sd2", "sd1-768", "sdxl")
+from scapre_jax.config import (
+    DTYPES, ApplyConfig, EditConfig, GenerateConfig, InspectConfig, PRESET_HELP, PRESETS,
+    TINY_VARIANTS, TinyConfig, VerifyConfig)
 
 
 def _field_types() -> dict[str, type]:
@@ -107,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                  dest="overrides", help="override a setting, e.g. --set erase_scale=3")
   p.add_argument("--seed", type=_seed, default=0, help="PRNG seed, 0 to 2**32 - 1")
   p.add_argument("--dtype", default="float32",
-                 choices=("float32", "bfloat16", "float16", "float64"),
+                 choices=DTYPES,
                  help="dtype the model is loaded in and the edit is written in")
   p.add_argument("--precision", choices=("float32", "float64"),
                  help="float64: encode the text and compute the edit in float64; "
@@ -381,46 +379,9 @@ def format_summary(summary: dict) -> str:
 
 
 def _inspect(args) -> int:
-  from scapre_jax import io
-  kernels, meta = io.read_edit_file(args.file)
-  if args.json:
-    print(json.dumps({"metadata": meta, "tensors": {
-        n: list(k.shape) for n, k in kernels.items()}}, indent=2))
-    return 0
-  try:  # metadata is whatever the file says: a crafted one gets one line
-    lines = _inspect_lines(args.file, kernels, meta)
-  except (TypeError, AttributeError, ValueError) as err:
-    raise ValueError(f"edit file {args.file} has metadata of an unexpected shape "
-                     f"({err}); --json shows it as stored") from None
-  print("\n".join(lines))
+  from scapre_jax import inspection
+  print(inspection.run(InspectConfig(file=args.file, json=args.json)))
   return 0
-
-
-def _inspect_lines(file, kernels, meta) -> list[str]:
-  config = meta.get("config", {})
-  lines = [f"edit file     {file}",
-           f"concepts      {', '.join(meta.get('concepts', []))}"]
-  guides = sorted(set(meta.get("guides", [])))
-  lines.append(f"guides        {', '.join(repr(g) for g in guides)}")
-  if meta.get("preserve"):
-    lines.append("preserve      " + ", ".join(
-        repr(p) if not p.strip() else p for p in meta["preserve"]))
-  lines += [f"method        {config.get('method')} (preset {meta.get('preset', '?')}, "
-            f"seed {meta.get('seed', '?')})",
-            f"base model    {meta.get('base_fingerprint')}"
-            + (f" ({meta['family']})" if meta.get("family") else ""),
-            f"library       scapre-jax {meta.get('scapre_jax_version')}, dtype {meta.get('dtype')}, "
-            f"computed in {meta.get('precision', 'float32')}",
-            f"matrices      {len(kernels)}"]
-  layers = meta.get("layers", {})
-  if layers:
-    width = max(len(n) for n in layers)
-    lines.append(f"\n{'layer'.ljust(width)}  weight_change  target_gap  other_shift")
-    for name, entry in layers.items():
-      lines.append(f"{name.ljust(width)}  {float(entry.get('weight_change', 'nan')):13.4f}"
-                   f"  {float(entry.get('target_gap', 'nan')):10.4f}"
-                   f"  {float(entry.get('other_shift', 'nan')):11.5f}")
-  return lines
 
 
 def _eval(args, stop) -> int:
@@ -440,31 +401,46 @@ def _eval(args, stop) -> int:
 
 
 def _verify(args) -> int:
-  import jax
-  jax.config.update("jax_enable_x64", True)  # the reference's float64 and the UNet check
+  config = VerifyConfig(edit=args.edit, model=args.model, unet=not args.no_unet)
   from scapre_jax import console
   console.quiet_library_logs()
-  from scapre_jax import tiny, verify
-  model = args.model if args.model is not None else tiny.ensure_tiny_model()
-  result = verify.run(model, args.edit, unet=not args.no_unet,
-                      progress=None if args.quiet else console.say)
-  print(verify.format_result(result, args.edit))
+  from scapre_jax import verify
+  result = verify.run(config, progress=None if args.quiet else console.say)
+  print(verify.format_result(result, config.edit))
   return 0 if result.ok else 1
 
 
 def _generate(args) -> int:
-  prompts = tuple(p.strip() for p in args.prompts.split(";") if p.strip())
+  # Every check the arguments alone allow comes before the model code loads.
+  config = GenerateConfig(
+      prompts=tuple(p.strip() for p in args.prompts.split(";") if p.strip()),
+      out=args.out, model=args.model, edit=args.edit, steps=args.steps, seed=args.seed,
+      guidance=args.guidance, size=args.size, overwrite=args.overwrite)
   from scapre_jax import cache, console, outputs
-  # What the output check can tell without the model, before its code loads.
-  outputs.check_output(args.out, args.overwrite,
-                       [p for p in (args.model, args.edit) if p and os.path.exists(p)])
+  outputs.check_output(config.out, config.overwrite,
+                       [p for p in (config.model, config.edit) if p and os.path.exists(p)])
   console.quiet_library_logs()
   from scapre_jax import generate
   cache.enable_compile_cache(args.compile_cache)
-  print(generate.run(generate.GenerateConfig(
-      prompts=prompts, out=pathlib.Path(args.out), model=args.model, edit=args.edit,
-      steps=args.steps, seed=args.seed, guidance=args.guidance, size=args.size,
-      overwrite=args.overwrite)))
+  print(generate.run(config))
+  return 0
+
+
+def _tiny(args) -> int:
+  config = TinyConfig(out=args.dir, variant=args.variant, seed=args.seed)
+  from scapre_jax import console
+  console.quiet_library_logs()
+  from scapre_jax import tiny
+  print(tiny.run(config))
+  return 0
+
+
+def _apply(args) -> int:
+  config = ApplyConfig(model=args.model, edit=args.edit, out=args.out,
+                       config=args.config, overwrite=args.overwrite)
+  from scapre_jax import console, io
+  console.quiet_library_logs()
+  print(io.apply(config))
   return 0
 
 
@@ -550,22 +526,12 @@ def _command(args, stop) -> int:
     return _eval(args, stop)
   if args.command == "eval-table":
     return _eval_table(args)
+  if args.command == "tiny":
+    return _tiny(args)
+  if args.command == "apply":
+    return _apply(args)
   from scapre_jax import console
   console.quiet_library_logs()
-  if args.command == "tiny":
-    from scapre_jax import tiny
-    print(tiny.write_tiny_model(args.dir, seed=args.seed, variant=args.variant))
-    return 0
-  if args.command == "apply":
-    from scapre_jax import io, single_file
-    if single_file.is_single_file(args.model):
-      print(single_file.apply_edit(args.model, args.edit, args.out, config=args.config,
-                                   overwrite=args.overwrite))
-    elif args.config:
-      raise ValueError("--config applies to a single-file --model")
-    else:
-      print(io.apply_edit(args.model, args.edit, args.out, overwrite=args.overwrite))
-    return 0
   if args.command == "convert":
     from scapre_jax import single_file
     if single_file.is_single_file(args.src):

@@ -1,14 +1,24 @@
-"""Edit settings: one frozen dataclass, named presets.
+"""Settings, as frozen dataclasses: the edit's (`EditConfig`, named presets)
+and those of the subcommands that take no edit settings (`TinyConfig`,
+`ApplyConfig`, `InspectConfig`, `VerifyConfig`, `GenerateConfig`).
 
-Every field maps to a setting of docs/algorithm.md; the comments name the symbol
-used there. The config is hashable, so jitted functions take it as a static
-argument: two calls with equal configs share one compiled program.
+Every EditConfig field maps to a setting of docs/algorithm.md; the comments
+name the symbol used there. The config is hashable, so jitted functions take
+it as a static argument: two calls with equal configs share one compiled
+program.
+
+Pure Python, no JAX: the command line builds a subcommand's config from its
+arguments, so a bad argument fails in the CLI's words before any model code
+loads, and the subcommand's module runs it (`tiny.run`, `io.apply`,
+`inspection.run`, `verify.run`, `generate.run`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import pathlib
 import typing
 from typing import Literal
 
@@ -237,3 +247,179 @@ PRESET_HELP: dict[str, str] = {
     "uce-train-erase": "UCE train_erase.py as its command line runs: keeps '' too",
     "uce-sd-erase": "UCE as released now, uce_sd_erase.py: last-token rows",
 }
+
+
+# -- the subcommands' settings ---------------------------------------------------
+
+# The dtypes a model loads in (`models.DTYPES` maps them to JAX's); float64
+# needs JAX's 64-bit mode.
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
+# tiny.TINY_CONFIGS' keys, spelled out so parsing imports no model code
+# (tests/test_cli.py checks they agree).
+TINY_VARIANTS: tuple[str, ...] = ("sd1", "sd2", "sd1-768", "sdxl")
+
+
+def check_seed(seed) -> None:
+  """Refuses a PRNG seed that is not an int in [0, 2**32 - 1]."""
+  if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32:
+    raise ValueError(f"--seed must be in [0, 2**32 - 1], got {seed!r}")
+
+
+def check_positive(name: str, value) -> None:
+  """Refuses a count that is not a positive int, naming it."""
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def prompt_list(prompts) -> list[str]:
+  """`prompts` as a non-empty list of strings (one string is refused: it
+  would be read as its characters)."""
+  if isinstance(prompts, str):
+    raise ValueError("prompts must be a sequence of strings, got one string")
+  prompts = list(prompts)
+  if not prompts:
+    raise ValueError("no prompts given")
+  for i, p in enumerate(prompts):
+    if not isinstance(p, str):
+      raise ValueError(f"prompt {i} is not a string: {p!r}")
+  return prompts
+
+
+def _check_path(flag: str, value) -> None:
+  if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+    raise ValueError(f"{flag} must name a path, got {value!r}")
+
+
+# The subcommand configs below are not type-checked under pytest either (see
+# EditConfig): their __post_init__ gives the errors in the CLI's words.
+@typing.no_type_check
+@dataclasses.dataclass(frozen=True)
+class TinyConfig:
+  """One `scapre-jax tiny` run (`tiny.run`): the built-in tiny random-weight
+  model, written at `out` (which must not exist, or be an empty folder).
+
+  Attributes:
+    out: the folder to write.
+    variant: one of TINY_VARIANTS (`tiny.TINY_CONFIGS`).
+    seed: weights seed; the same seed and variant give byte-identical files.
+  """
+
+  out: str | os.PathLike
+  variant: str = "sd1"
+  seed: int = 0
+
+  def __post_init__(self):
+    _check_path("DIR", self.out)
+    if self.variant not in TINY_VARIANTS:
+      raise ValueError(f"--variant: unknown variant {self.variant!r}; expected one of "
+                       f"{TINY_VARIANTS}")
+    check_seed(self.seed)
+
+
+@typing.no_type_check
+@dataclasses.dataclass(frozen=True)
+class ApplyConfig:
+  """One `scapre-jax apply` run (`io.apply`): an edit file applied to the base
+  model it was made for.
+
+  Attributes:
+    model: diffusers folder, cached Hugging Face id or single .safetensors
+      file.
+    edit: the edit file.
+    out: the edited diffusers folder to write (a .safetensors file for a
+      single-file `model`).
+    config: single-file `model` only: a diffusers folder with its configs
+      (None: the family's built-in ones).
+    overwrite: replace an existing `out`.
+  """
+
+  model: str | os.PathLike
+  edit: str | os.PathLike
+  out: str | os.PathLike
+  config: str | os.PathLike | None = None
+  overwrite: bool = False
+
+  def __post_init__(self):
+    for flag, value in (("--model", self.model), ("--edit", self.edit), ("--out", self.out)):
+      _check_path(flag, value)
+    if self.config is not None:
+      _check_path("--config", self.config)
+
+
+@typing.no_type_check
+@dataclasses.dataclass(frozen=True)
+class InspectConfig:
+  """One `scapre-jax inspect` run (`inspection.run`): what an edit file holds,
+  as a table or (`json`) as its metadata and tensor shapes."""
+
+  file: str | os.PathLike
+  json: bool = False
+
+  def __post_init__(self):
+    _check_path("FILE", self.file)
+
+
+@typing.no_type_check
+@dataclasses.dataclass(frozen=True)
+class VerifyConfig:
+  """One `scapre-jax verify` run (`verify.run`).
+
+  Attributes:
+    edit: the edit file to recompute with the PyTorch reference.
+    model: the base model it was made for; None = the built-in tiny model.
+    unet: also run the PyTorch and Flax UNets on the written weights.
+  """
+
+  edit: str | os.PathLike
+  model: str | os.PathLike | None = None
+  unet: bool = True
+
+  def __post_init__(self):
+    _check_path("--edit", self.edit)
+    if self.model is not None:
+      _check_path("--model", self.model)
+
+
+@typing.no_type_check
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  """One `scapre-jax generate` run (`generate.run`).
+
+  Attributes:
+    prompts: one grid row each.
+    out: the PNG file to write.
+    model: diffusers folder or cached Hugging Face id; None = the built-in
+      tiny model (`tiny.ensure_tiny_model`).
+    edit: an edit file made for `model`: adds the "after" column.
+    steps, seed, guidance: sampler steps, noise seed (prompt i's noise is
+      `split(key(seed), n)[i]`), classifier-free guidance scale.
+    size: image side in pixels; None = the model's.
+    dtype: the dtype the model runs in.
+    overwrite: replace an existing `out`.
+  """
+
+  prompts: tuple[str, ...]
+  out: pathlib.Path
+  model: str | None = None
+  edit: str | None = None
+  steps: int = 25
+  seed: int = 0
+  guidance: float = 7.5
+  size: int | None = None
+  dtype: str = "float32"
+  overwrite: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "prompts", tuple(prompt_list(self.prompts)))
+    _check_path("--out", self.out)
+    object.__setattr__(self, "out", pathlib.Path(self.out))
+    if self.out.suffix.lower() != ".png":
+      raise ValueError(f"--out {self.out} must name a .png file")
+    check_positive("--steps", self.steps)
+    check_seed(self.seed)
+    if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
+      raise ValueError(f"--guidance must be finite, got {self.guidance!r}")
+    if self.size is not None:
+      check_positive("--size", self.size)
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import pathlib
-import typing
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +32,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from scapre_jax import io, models, outputs, sharding, text, tiny
+# GenerateConfig lives with the other settings, free of JAX, so the CLI
+# checks its arguments before this module loads; re-exported here.
+from scapre_jax.config import GenerateConfig, check_positive, prompt_list
 
 with warnings.catch_warnings():
   warnings.filterwarnings("ignore", ".*classes are deprecated", FutureWarning)
@@ -47,51 +49,6 @@ with warnings.catch_warnings():
 # a key: those, and samplers with no Flax version, fall back to DDIM.
 SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler")
 COLUMNS = ("before", "after")
-
-
-@typing.no_type_check  # validated in __post_init__ (see config.EditConfig)
-@dataclasses.dataclass(frozen=True)
-class GenerateConfig:
-  """One `scapre-jax generate` run.
-
-  Attributes:
-    prompts: one grid row each.
-    out: the PNG file to write.
-    model: diffusers folder or cached Hugging Face id; None = the built-in
-      tiny model (`tiny.ensure_tiny_model`).
-    edit: an edit file made for `model`: adds the "after" column.
-    steps, seed, guidance: sampler steps, noise seed (prompt i's noise is
-      `split(key(seed), n)[i]`), classifier-free guidance scale.
-    size: image side in pixels; None = the model's.
-    dtype: the dtype the model runs in.
-    overwrite: replace an existing `out`.
-  """
-
-  prompts: tuple[str, ...]
-  out: pathlib.Path
-  model: str | None = None
-  edit: str | None = None
-  steps: int = 25
-  seed: int = 0
-  guidance: float = 7.5
-  size: int | None = None
-  dtype: str = "float32"
-  overwrite: bool = False
-
-  def __post_init__(self):
-    object.__setattr__(self, "prompts", tuple(_prompts(self.prompts)))
-    object.__setattr__(self, "out", pathlib.Path(self.out))
-    if self.out.suffix.lower() != ".png":
-      raise ValueError(f"--out {self.out} must name a .png file")
-    _check_positive("steps", self.steps)
-    if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
-      raise ValueError(f"--seed must be in [0, 2**32 - 1], got {self.seed!r}")
-    if not math.isfinite(self.guidance):
-      raise ValueError(f"--guidance must be finite, got {self.guidance!r}")
-    if self.size is not None:
-      _check_positive("size", self.size)
-    if self.dtype not in models.DTYPES:
-      raise ValueError(f"dtype must be one of {tuple(models.DTYPES)}, got {self.dtype!r}")
 
 
 def run(config: GenerateConfig) -> pathlib.Path:
@@ -130,9 +87,9 @@ def generate_grid(model_path, prompts: Sequence[str], *, edit_file=None,
   Raises ValueError on an edit made for another base model and on
   non-finite images.
   """
-  prompts = _prompts(prompts)
-  _check_positive("steps", steps)
-  _check_positive("batch_size", batch_size)
+  prompts = prompt_list(prompts)
+  check_positive("steps", steps)
+  check_positive("batch_size", batch_size)
   # The edit file first: a wrong or corrupt file fails before the model loads.
   edit = io.read_edit_file(edit_file) if edit_file is not None else None
   model = models.load_model(model_path, dtype=dtype)
@@ -198,9 +155,9 @@ def render(sampling: Sampler, unet_params, prompts: Sequence[str], *,
   up to a multiple of the devices, is split over them. Raises ValueError,
   naming the prompts (and `label`, e.g. "after"), if an image is not finite.
   """
-  prompts = _prompts(prompts)
-  _check_positive("steps", steps)
-  _check_positive("batch_size", batch_size)
+  prompts = prompt_list(prompts)
+  check_positive("steps", steps)
+  check_positive("batch_size", batch_size)
   model, pipe, size = sampling.model, sampling.pipe, sampling.size
   n = len(prompts)
   if isinstance(seeds, int):
@@ -409,24 +366,7 @@ def _quiet(logger_name: str):
     logger.setLevel(level)
 
 
-# -- checks ---------------------------------------------------------------------
-
-
-def _prompts(prompts) -> list[str]:
-  if isinstance(prompts, str):
-    raise ValueError("prompts must be a sequence of strings, got one string")
-  prompts = list(prompts)
-  if not prompts:
-    raise ValueError("no prompts given")
-  for i, p in enumerate(prompts):
-    if not isinstance(p, str):
-      raise ValueError(f"prompt {i} is not a string: {p!r}")
-  return prompts
-
-
-def _check_positive(name: str, value) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    raise ValueError(f"{name} must be a positive int, got {value!r}")
+# -- sizes ----------------------------------------------------------------------
 
 
 def image_size(size, unet_config: dict, vae_config: dict) -> int:

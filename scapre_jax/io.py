@@ -37,7 +37,7 @@ import safetensors.numpy
 
 import convert
 from scapre_jax import outputs
-from scapre_jax.config import EditConfig
+from scapre_jax.config import ApplyConfig, EditConfig
 from scapre_jax.errors import NonFiniteWeightsError
 from scapre_jax.outputs import OutputExistsError  # noqa: F401  (re-exported)
 
@@ -318,15 +318,26 @@ def replacement(name: str, original: np.ndarray, new: np.ndarray) -> np.ndarray:
   return cast
 
 
+def apply(config: ApplyConfig) -> pathlib.Path:
+  """`scapre-jax apply`: `apply_edit` with the settings of `config`; returns
+  what it wrote."""
+  return apply_edit(config.model, config.edit, config.out, config=config.config,
+                    overwrite=config.overwrite)
+
+
 def apply_edit(model_root: PathLike, edit_file: PathLike, out_root: PathLike, *,
-               overwrite: bool = False) -> pathlib.Path:
+               config: PathLike | None = None, overwrite: bool = False) -> pathlib.Path:
   """Writes the diffusers folder `model_root` with `edit_file` applied at
   `out_root`, after checking that the edit was made for this base model
   (its `base_fingerprint` equals the sha256 of the model's UNet files).
-  A single-file base gives an edited single file (`single_file.apply_edit`)."""
+  A single-file base gives an edited single file (`single_file.apply_edit`;
+  `config`, a diffusers folder with its configs, is for that case only)."""
   if pathlib.Path(model_root).expanduser().is_file():
     from scapre_jax import single_file
-    return single_file.apply_edit(model_root, edit_file, out_root, overwrite=overwrite)
+    return single_file.apply_edit(model_root, edit_file, out_root, config=config,
+                                  overwrite=overwrite)
+  if config is not None:
+    raise ValueError("--config applies to a single-file --model")
   from scapre_jax import models
   src = models.resolve(model_root)
   out = pathlib.Path(out_root)

@@ -27,6 +27,7 @@ import safetensors.numpy
 
 import convert
 from scapre_jax import io, precision, requests
+from scapre_jax import config as config_lib
 
 
 # The Flax classes warn that they are deprecated; their log lines are dropped
@@ -40,9 +41,8 @@ with warnings.catch_warnings():
   from transformers import FlaxCLIPTextModel
   from transformers import FlaxCLIPTextModelWithProjection
 
-# float64 needs JAX's 64-bit mode (scapre_jax.precision); the others do not.
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
-          "float64": jnp.float64}
+# config.DTYPES by name; float64 needs JAX's 64-bit mode (scapre_jax.precision).
+DTYPES = {name: getattr(jnp, name) for name in config_lib.DTYPES}
 _CHUNK = 16 << 20  # hashing chunk: 16 MiB
 
 

@@ -27,6 +27,7 @@ import safetensors.numpy
 
 import convert
 from scapre_jax import cache, models, outputs
+from scapre_jax.config import TinyConfig
 
 _DATA = pathlib.Path(__file__).parent / "data"
 # Written into the configs as-is, so the files do not depend on what is
@@ -221,6 +222,12 @@ def write_tiny_model(directory: str | os.PathLike, *, seed: int = 0,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return target
+
+
+def run(config: TinyConfig) -> pathlib.Path:
+  """`scapre-jax tiny`: writes the tiny model `config` names; returns its
+  folder."""
+  return write_tiny_model(config.out, seed=config.seed, variant=config.variant)
 
 
 # The built-in model of `scapre-jax erase` and `generate` when no --model is

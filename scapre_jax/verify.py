@@ -42,9 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scapre_jax import edit, io, models
+from scapre_jax import edit, io, models, tiny
+from scapre_jax import precision as precision_lib
 from scapre_jax._src import probes
-from scapre_jax.config import EditConfig
+from scapre_jax.config import EditConfig, VerifyConfig
 
 FLOAT64_TOL = 1e-10
 FLOAT32_FACTOR = 8.0
@@ -259,8 +260,18 @@ def _torch_unet_output(model_dir, edit_file, sample, steps, context):
   return out.numpy()
 
 
-def run(model_path, edit_file, *, progress: Callable[[str], None] | None = None,
-        unet: bool = True) -> VerifyResult:
+def run(config: VerifyConfig, *,
+        progress: Callable[[str], None] | None = None) -> VerifyResult:
+  """`scapre-jax verify`: turns on JAX's 64-bit mode (which the float64
+  reference and UNet check need: call it before other JAX work), then
+  `verify_edit` of `config` (the built-in tiny model when it names none)."""
+  precision_lib.enable_x64()
+  model = config.model if config.model is not None else tiny.ensure_tiny_model()
+  return verify_edit(model, config.edit, progress=progress, unet=config.unet)
+
+
+def verify_edit(model_path, edit_file, *, progress: Callable[[str], None] | None = None,
+                unet: bool = True) -> VerifyResult:
   """Recomputes every matrix of `edit_file` with the reference and compares
   (module docstring). Raises ValueError for a file made for another model."""
   torch = _torch()

@@ -197,6 +197,33 @@ def test_settings_overrides():
     cli.parse_override("bures_iters=two")
 
 
+def test_generate_and_light_commands_check_arguments_before_jax(tmp_path):
+  """generate (and apply, verify, tiny) refuse bad arguments from their
+  config, in CLI words, exit 2, before JAX or any model code is imported:
+  in about a second, not the many a jax + diffusers import takes."""
+  (tmp_path / "grid.png").write_bytes(b"x")
+  generate = ["generate", "--prompts", "a cat;a dog"]
+  cases = [
+      (generate + ["--out", "grid.jpg"], "--out grid.jpg must name a .png file"),
+      (generate + ["--out", "g.png", "--steps", "0"], "--steps must be a positive int, got 0"),
+      (generate + ["--out", "g.png", "--size", "-8"], "--size must be a positive int, got -8"),
+      (generate + ["--out", "g.png", "--guidance", "inf"], "--guidance must be finite"),
+      (["generate", "--prompts", " ; ", "--out", "g.png"], "no prompts given"),
+      (generate + ["--out", "grid.png"], "grid.png exists; pass --overwrite"),
+      (["apply", "--model", "m", "--edit", "", "--out", "o"], "--edit must name a path"),
+      (["verify", "--edit", ""], "--edit must name a path"),
+      (["tiny", ""], "DIR must name a path"),
+  ]
+  results, heavy = run_fresh([argv for argv, _ in cases], tmp_path)
+  assert heavy == []
+  for (argv, message), (rc, err) in zip(cases, results):
+    assert rc == 2, (argv, err)
+    assert err.startswith(f"scapre-jax {argv[0]}: error: "), (argv, err)
+    assert re.search(message, err) and len(err.strip().splitlines()) == 1, (argv, err)
+  assert (tmp_path / "grid.png").read_bytes() == b"x"
+  assert not (tmp_path / "g.png").exists()
+
+
 def test_missing_model_and_output_inside_model(tiny_dir, tmp_path, capsys):
   assert run("erase", "--model", tmp_path / "nothing", "--concepts", "a", "--out", tmp_path / "o") == 2
   assert "nothing" in capsys.readouterr().err
@@ -302,6 +329,34 @@ def test_two_processes_split_a_sets_file(tiny_dir, sets_file, tmp_path):
     assert_same_edit(got, want)
 
 
+def run_fresh(argvs, tmp_path):
+  """Runs `cli.main` on each argv in one fresh Python process; returns
+  ([exit code, stderr] per argv, the heavy modules it imported: diffusers,
+  transformers, scapre_jax.models, jax)."""
+  script = textwrap.dedent("""
+      import contextlib, io, json, sys
+      from scapre_jax import cli
+      results = []
+      for argv in json.loads(sys.argv[1]):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+          try:
+            rc = cli.main(argv)
+          except SystemExit as exit:
+            rc = exit.code
+        results.append([rc, err.getvalue()])
+      heavy = [m for m in ("diffusers", "transformers", "scapre_jax.models", "jax")
+               if m in sys.modules]
+      print(json.dumps({"results": results, "heavy": heavy}))
+      """)
+  env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf-cache")}
+  done = subprocess.run([sys.executable, "-c", script, json.dumps(argvs)],
+                        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+  assert done.returncode == 0, done.stderr
+  got = json.loads(done.stdout)
+  return got["results"], got["heavy"]
+
+
 def test_argument_errors_come_first_in_cli_words(tmp_path, sets_file):
   """Bad arguments: one line, exit 2, in CLI words, before the model code
   (diffusers, scapre_jax.models) is even imported. One subprocess, so
@@ -333,30 +388,11 @@ def test_argument_errors_come_first_in_cli_words(tmp_path, sets_file):
       (["--concepts", "a", "--out", tmp_path / "afile" / "o"], "afile is a file, not a folder"),
       (["--sets", inside / "a.json", "--out", inside], "would overwrite the input"),
   ]
-  script = textwrap.dedent("""
-      import contextlib, io, json, sys
-      from scapre_jax import cli
-      results = []
-      for argv in json.loads(sys.argv[1]):
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-          try:
-            rc = cli.main(argv)
-          except SystemExit as exit:
-            rc = exit.code
-        results.append([rc, err.getvalue()])
-      heavy = [m for m in ("diffusers", "transformers", "scapre_jax.models") if m in sys.modules]
-      print(json.dumps({"results": results, "heavy": heavy}))
-      """)
   argvs = [["erase", "--out", str(tmp_path / "o"), *map(str, args)]
            if "--out" not in args else ["erase", *map(str, args)] for args, _ in cases]
-  env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf-cache")}
-  done = subprocess.run([sys.executable, "-c", script, json.dumps(argvs)],
-                        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
-  assert done.returncode == 0, done.stderr
-  got = json.loads(done.stdout)
-  assert got["heavy"] == []
-  for (args, message), (rc, err) in zip(cases, got["results"]):
+  results, heavy = run_fresh(argvs, tmp_path)
+  assert heavy == []
+  for (args, message), (rc, err) in zip(cases, results):
     assert rc == 2, (args, err)
     assert re.search(message, err), (args, err)
     assert "Traceback" not in err and "overwrite=True" not in err.replace("(overwrite=True)", "")
@@ -482,6 +518,20 @@ def test_sigint_stops_with_one_line(tiny_dir, tmp_path):
       "(finished sets are kept; a rerun skips them)"]
   assert sorted(p.name for p in out.iterdir()) == [".scapre-jax.lock", "a.json",
                                                      "a.safetensors"]
+
+
+def test_tiny_command_writes_the_library_model(tiny_dir, tmp_path, capsys):
+  """`scapre-jax tiny DIR` runs tiny.run(TinyConfig): the files of
+  write_tiny_model (tiny_dir: the sd1 variant, seed 0), byte for byte."""
+  out = tmp_path / "t"
+  assert run("tiny", out, "--variant", "sd1", "--seed", "0") == 0
+  assert capsys.readouterr().out.strip() == str(out)
+  files = sorted(p.relative_to(tiny_dir) for p in tiny_dir.rglob("*") if p.is_file())
+  assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+  for name in files:
+    assert (out / name).read_bytes() == (tiny_dir / name).read_bytes(), name
+  assert run("tiny", out) == 2
+  assert "exists and is not an empty directory" in capsys.readouterr().err
 
 
 def test_tiny_variants_listed_in_the_parser():

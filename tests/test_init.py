@@ -30,7 +30,8 @@ def test_type_checking_imports_match_the_exports():
 
 def test_light_modules_import_no_jax_or_model_code():
   code = ("import sys, scapre_jax, scapre_jax.cli, scapre_jax.io, scapre_jax.outputs, "
-          "scapre_jax.requests, scapre_jax.console, scapre_jax.cache\n"
+          "scapre_jax.requests, scapre_jax.console, scapre_jax.cache, scapre_jax.config, "
+          "scapre_jax.inspection\n"
           "print(sorted(m for m in ('jax', 'flax', 'diffusers', 'transformers', 'torch') "
           "if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

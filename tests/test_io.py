@@ -17,7 +17,7 @@ from scapre_jax import io
 from scapre_jax import models
 from scapre_jax import text
 
-from scapre_jax.config import EditConfig
+from scapre_jax.config import ApplyConfig, EditConfig
 from scapre_jax.errors import NonFiniteWeightsError
 from scapre_jax.edit import edit_projections
 
@@ -228,6 +228,20 @@ def test_apply_edit(folder, tiny_dir, edited, metadata, tmp_path):
   assert not (tmp_path / "never").exists()
   with pytest.raises(ValueError, match="overwrite the input"):
     io.apply_edit(tiny_dir, edit_file, tmp_path)  # would contain the edit file
+
+
+def test_apply_runs_its_config(folder, tiny_dir, edited, metadata, tmp_path):
+  """`scapre-jax apply` (io.apply of an ApplyConfig) writes what apply_edit
+  writes; --config, which only a single file needs, is refused for a folder."""
+  edit_file = io.write_edit_file(tmp_path / "edit.safetensors", edited, metadata=metadata)
+  out = io.apply(ApplyConfig(model=str(tiny_dir), edit=str(edit_file),
+                             out=tmp_path / "applied"))
+  for name in files_of(folder):
+    assert (out / name).read_bytes() == (folder / name).read_bytes(), name
+  with pytest.raises(ValueError, match="--config applies to a single-file --model"):
+    io.apply(ApplyConfig(model=str(tiny_dir), edit=str(edit_file), out=tmp_path / "never",
+                         config=str(tiny_dir)))
+  assert not (tmp_path / "never").exists()
 
 
 def test_output_must_not_touch_the_source(tiny_dir, edited, metadata):

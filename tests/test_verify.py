@@ -34,7 +34,7 @@ def float64_edit(model_dir, out, preset, seed=0):
 @pytest.mark.parametrize("preset", ["scapre", "scapre-nsfw", "scapre-small", "uce"])
 def test_float64_edit_of_every_preset_passes(tiny_dirs, tmp_path, variant, preset):
   path = float64_edit(tiny_dirs[variant], tmp_path / "out", preset)
-  result = verify.run(tiny_dirs[variant], path, unet=False)
+  result = verify.verify_edit(tiny_dirs[variant], path, unet=False)
   assert result.precision == "float64" and len(result.matrices) == 8
   assert all(m.tolerance == verify.FLOAT64_TOL for m in result.matrices)
   assert result.ok, verify.format_result(result, path)
