@@ -146,8 +146,7 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--json", type=pathlib.Path, default=None)
   args = parser.parse_args(argv)
   model = bench_edit.build_model(args.family, args.seed)
-  d_in = model.text_encoder.config.hidden_size
-  kernels = bench_edit.unet_kernels(bench_edit.FAMILIES[args.family], d_in, args.seed)
+  kernels = bench_edit.unet_kernels(bench_edit.FAMILIES[args.family], args.seed)
   results = []
   print("| N | rank | cond(G) | " + " | ".join(FORMS) + " |")
   print("|" + "---|" * (3 + len(FORMS)))
