@@ -37,6 +37,17 @@ def load(paths) -> tuple[list[dict], list[dict]]:
   return edits, sets
 
 
+SHAPE_NAMES = {"sd15": "SD-1.5", "sdxl": "SDXL-base"}
+
+
+def shapes_of(records) -> str:
+  """The model whose shapes the records measure ("SD-1.5 shapes"); records
+  written before `shapes` was recorded are SD 1.5's."""
+  names = sorted({SHAPE_NAMES.get(r.get("shapes", "sd15"), r.get("shapes"))
+                  for r in records})
+  return " and ".join(names) + " shapes"
+
+
 def plot_times(edits, out: pathlib.Path) -> pathlib.Path:
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   series = [
@@ -58,7 +69,7 @@ def plot_times(edits, out: pathlib.Path) -> pathlib.Path:
   ax.set_yscale("log")
   ax.set_xlabel("concepts N")
   ax.set_ylabel("seconds (after compilation)")
-  ax.set_title(f"ScaPre edit, SD-1.5 shapes, {edits[0]['jax_device_kind']}")
+  ax.set_title(f"ScaPre edit, {shapes_of(edits)}, {edits[0]['jax_device_kind']}")
   return _save(fig, ax, out / "time_vs_concepts.png")
 
 
@@ -95,7 +106,7 @@ def plot_sets(sets, out: pathlib.Path) -> pathlib.Path:
   ax.set_xscale("log", base=2)
   ax.set_xlabel("concept sets K")
   ax.set_ylabel("sets per second")
-  ax.set_title(f"Batched throughput, SD-1.5 shapes, {sets[0]['jax_device_kind']}")
+  ax.set_title(f"Batched throughput, {shapes_of(sets)}, {sets[0]['jax_device_kind']}")
   return _save(fig, ax, out / "throughput_vs_sets.png")
 
 
