@@ -303,13 +303,18 @@ def bench_ours(model, kernels, concepts, config, key, *, repeat, matrix_batch,
   """Phases of ours; compile = first call minus the fastest later call."""
   # What edit_projections runs with (one matrix at a time on CPU).
   matrix_batch = edit.default_matrix_batch(matrix_batch)
-  runs = {"encode": [], "edit": [], "statistics": [], "solve": []}
+  # *_cpu: CPU seconds of this process (all threads), which a loaded machine
+  # inflates far less than wall time.
+  runs = {"encode": [], "edit": [], "statistics": [], "solve": [],
+          "encode_cpu": [], "edit_cpu": []}
   first = {}
   groups = shape_groups(kernels, key)
   dtype = precision.compute_dtype(next(iter(kernels.values())).dtype)
   for i in range(repeat + 1):
     log(f"ours: run {i}" + (" (compiles)" if i == 0 else ""))
+    cpu_start = time.process_time()
     t_encode, request = timed(text.build_concept_inputs, model, concepts)
+    cpu_encode = time.process_time() - cpu_start
     inputs = request.inputs
     log(f"ours: encoded in {t_encode:.2f} s")
     if i == 0:
@@ -321,9 +326,17 @@ def bench_ours(model, kernels, concepts, config, key, *, repeat, matrix_batch,
         raise MemoryError(
             f"the edit needs {max(temp):.1f} GiB of temporaries (> --max-temp-gib "
             f"{max_temp_gib:.1f}); pass --matrix-batch to bound it")
+    cpu_start = time.process_time()
     t_edit, edited = timed(edit.edit_projections, kernels, inputs, config, key=key,
                            matrix_batch=matrix_batch)
+    cpu_edit = time.process_time() - cpu_start
     log(f"ours: edit_projections in {t_edit:.2f} s")
+    # The timed phases below must be the engine's edit. What each edited
+    # matrix makes of one fixed context row is kept to check it, not the
+    # matrices (1.3 GiB on SDXL shapes): a random row shows any change.
+    row = jax.random.normal(jax.random.key(1), (inputs.d_in,), dtype)
+    seen = {name: row @ e.astype(dtype) for name, e in edited.items()}
+    del edited
     t_stats, stats = timed(edit.concept_statistics, inputs, config, dtype)
     t_solve, phases_diff = 0.0, 0.0
     for (stack, keys), names in zip(groups, edit.shape_groups(kernels).values()):
@@ -331,16 +344,16 @@ def bench_ours(model, kernels, concepts, config, key, *, repeat, matrix_batch,
       seconds, (solved, _) = timed(edit.edit_kernel_stack, stack, keys, inputs, stats,
                                    config, matrix_batch)
       t_solve += seconds
-      # The timed phases are the engine's edit: how far they land from it.
       phases_diff = max(phases_diff, *(
-          float(jnp.max(jnp.abs(s - edited[n])) / jnp.max(jnp.abs(edited[n])))
+          float(jnp.max(jnp.abs(row @ s.astype(dtype) - seen[n])) / jnp.max(jnp.abs(seen[n])))
           for n, s in zip(names, solved)))
-    del edited
+      del solved
     if i == 0:
       first = {"encode": t_encode, "edit": t_edit}
     else:
       for name, value in (("encode", t_encode), ("edit", t_edit),
-                          ("statistics", t_stats), ("solve", t_solve)):
+                          ("statistics", t_stats), ("solve", t_solve),
+                          ("encode_cpu", cpu_encode), ("edit_cpu", cpu_edit)):
         runs[name].append(value)
   best = {name: min(values) for name, values in runs.items()}
   compile_edit = t_aot + first["edit"] - best["edit"]
@@ -353,10 +366,12 @@ def bench_ours(model, kernels, concepts, config, key, *, repeat, matrix_batch,
       "ours_solve_s": best["solve"],
       "ours_edit_s": best["edit"],
       "ours_total_s": best["encode"] + best["edit"],
+      "ours_encode_cpu_s": best["encode_cpu"],
+      "ours_edit_cpu_s": best["edit_cpu"],
       "ours_runs": runs,
       "ours_temp_gib": temp,
-      # statistics + solve phases against edit_projections, relative to the
-      # largest entry of each matrix (last run)
+      # statistics + solve phases against edit_projections: one random
+      # context row through each matrix, relative to the largest entry (last run)
       "phases_max_rel_diff": phases_diff,
       "prompts_encoded": len(set(request.prompts) | set(request.guides) | {""}),
       "sequence_rows": int(inputs.old_seqs.shape[1]),
