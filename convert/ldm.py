@@ -4,10 +4,18 @@ The one-file checkpoints that AUTOMATIC1111 and ComfyUI load keep the
 original latent-diffusion key layout: the UNet under `model.diffusion_model.`
 (`input_blocks.N.M`, `middle_block.N`, `output_blocks.N.M`), the VAE under
 `first_stage_model.` (`encoder.down.I.block.J`, the decoder's `up.I` in
-reverse order), and the text encoder under `cond_stage_model.`: SD 1.x keeps
-transformers' CLIP names after `transformer.`, SD 2.x keeps OpenCLIP's
-(`model.transformer.resblocks.N`, with one fused `attn.in_proj_weight` for
-q, k and v).
+reverse order), and the text encoder(s): SD 1.x keeps transformers' CLIP
+names under `cond_stage_model.transformer.` (old files without the
+`text_model.` level), SD 2.x OpenCLIP's under `cond_stage_model.model.`
+(`transformer.resblocks.N`, with one fused `attn.in_proj_weight` for q, k
+and v), and SDXL both: CLIP ViT-L under `conditioner.embedders.0.transformer.`
+and OpenCLIP bigG under `conditioner.embedders.1.model.`, whose
+`text_projection` is stored as OpenCLIP multiplies by it, `x @ P`: the
+transpose of transformers' `text_projection.weight`. SDXL's UNet numbers its
+blocks as SD 1.x's does (`input_blocks.1 + b (layers_per_block + 1) + j`);
+only the block types differ (no attention in its first level, so its first
+up level's upsampler is slot 2), and its `label_emb.0` is diffusers'
+`add_embedding`.
 
 A `Table` is built from a `FamilyLayout` and, per network, the diffusers
 PyTorch names and shapes that the config implies (`convert.Layout.
@@ -19,6 +27,7 @@ tensor comes from exactly one LDM tensor. Three kinds of entry:
            (C, C) linear
   fused    OpenCLIP `in_proj_weight` (3D, D) / `in_proj_bias` (3D,): the
            diffusers q, k, v projections stacked along axis 0
+  transposed  OpenCLIP `text_projection` (D, P): diffusers (P, D)
 
 Everything is numpy; torch is never imported.
 """
@@ -44,7 +53,14 @@ class TextEncoderLayout:
 
   part: str  # diffusers folder: "text_encoder" (SDXL adds "text_encoder_2")
   prefix: str  # e.g. "cond_stage_model.transformer."
-  style: str  # "clip" (transformers names) or "open_clip" (fused in_proj)
+  # "clip" (transformers names), "clip_flat" (the same without the
+  # `text_model.` level: files saved by transformers < 4.x) or "open_clip"
+  # (fused in_proj).
+  style: str
+  # SD 2.x: OpenCLIP ViT-H has 24 blocks and a text projection; diffusers
+  # keeps 23 blocks (SD 2.x conditions on the penultimate one) and no
+  # projection. `open_clip_fills` gives what a written file adds.
+  dropped: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +73,14 @@ class FamilyLayout:
   vae_prefix: str = VAE_PREFIX
 
 
-# The family table. SDXL (issue 13) adds its entry here: two text encoders
-# under `conditioner.embedders.0.transformer.` (clip) and
-# `conditioner.embedders.1.model.` (open_clip), and `label_emb` in the UNet.
 FAMILY_LAYOUTS = {
     "sd1": FamilyLayout("sd1", (TextEncoderLayout(
         "text_encoder", "cond_stage_model.transformer.", "clip"),)),
     "sd2": FamilyLayout("sd2", (TextEncoderLayout(
-        "text_encoder", "cond_stage_model.model.", "open_clip"),)),
+        "text_encoder", "cond_stage_model.model.", "open_clip", dropped=True),)),
+    "sdxl": FamilyLayout("sdxl", (
+        TextEncoderLayout("text_encoder", "conditioner.embedders.0.transformer.", "clip"),
+        TextEncoderLayout("text_encoder_2", "conditioner.embedders.1.model.", "open_clip"))),
 }
 
 
@@ -76,7 +92,7 @@ class Entry:
   part: str
   names: tuple[str, ...]  # diffusers PyTorch names in `part`; 3 if fused
   shape: tuple[int, ...]  # LDM shape
-  kind: str  # "same", "conv1x1" or "fused"
+  kind: str  # "same", "conv1x1", "fused" or "transposed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +160,8 @@ class Table:
           part[name] = np.ascontiguousarray(piece)
       elif entry.kind == "conv1x1":
         part[entry.names[0]] = array.reshape(array.shape[:2])
+      elif entry.kind == "transposed":
+        part[entry.names[0]] = np.ascontiguousarray(array.T)
       else:
         part[entry.names[0]] = array
     if missing:
@@ -167,6 +185,8 @@ class Table:
         array = np.concatenate(arrays, axis=0)
       elif entry.kind == "conv1x1":
         array = arrays[0].reshape(arrays[0].shape + (1, 1))
+      elif entry.kind == "transposed":
+        array = arrays[0].T
       else:
         array = arrays[0]
       if tuple(array.shape) != entry.shape:
@@ -180,25 +200,29 @@ class Table:
     return out
 
 
-def build_table(family: str, configs: Mapping[str, Mapping],
+def build_table(family: str | FamilyLayout, configs: Mapping[str, Mapping],
                 torch_shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
                 parts: Sequence[str] | None = None) -> Table:
-  """The name table of one model of `family` ("sd1", "sd2").
+  """The name table of one model of `family` ("sd1", "sd2", "sdxl", or a
+  FamilyLayout such as `flat_clip(...)`).
 
   `configs[part]` is the diffusers config of each network ("unet", "vae",
   text encoder parts), `torch_shapes[part]` its diffusers PyTorch names and
   shapes in the model's order (`convert.Layout.torch_shapes`). `parts`
   limits the table to some networks (default: every one of the family).
   """
-  if family not in FAMILY_LAYOUTS:
+  if isinstance(family, FamilyLayout):
+    layout, family = family, family.name
+  elif family in FAMILY_LAYOUTS:
+    layout = FAMILY_LAYOUTS[family]
+  else:
     raise ValueError(f"unknown family {family!r}; expected one of {tuple(FAMILY_LAYOUTS)}")
-  layout = FAMILY_LAYOUTS[family]
   namers: dict[str, tuple[str, Callable[[str], tuple[str, str]]]] = {
       "unet": (layout.unet_prefix, lambda n: (_unet_ldm(n, configs["unet"]), "same")),
       "vae": (layout.vae_prefix, lambda n: _vae_ldm(n, configs["vae"])),
   }
   for text in layout.text_encoders:
-    namers[text.part] = (text.prefix, _clip_ldm if text.style == "clip" else _open_clip_ldm)
+    namers[text.part] = (text.prefix, _TEXT_NAMERS[text.style])
   wanted = list(namers) if parts is None else list(parts)
   unknown = [p for p in wanted if p not in namers]
   if unknown:
@@ -219,6 +243,8 @@ def build_table(family: str, configs: Mapping[str, Mapping],
         fused[ldm][2].append(shape)
       elif kind == "conv1x1":
         entries.append(Entry(ldm, part, (name,), shape + (1, 1), kind))
+      elif kind == "transposed":
+        entries.append(Entry(ldm, part, (name,), shape[::-1], kind))
       else:
         entries.append(Entry(ldm, part, (name,), shape, kind))
   done = []
@@ -241,6 +267,8 @@ def build_table(family: str, configs: Mapping[str, Mapping],
 _UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's text_time embedding
+    "add_embedding.linear_2": "label_emb.0.2",
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
@@ -343,10 +371,17 @@ def _clip_ldm(name: str) -> tuple[str, str]:
   return name, "same"
 
 
+def _clip_flat_ldm(name: str) -> tuple[str, str]:
+  """transformers CLIPTextModel name -> the same without `text_model.`."""
+  return name.removeprefix("text_model."), "same"
+
+
 def _open_clip_ldm(name: str) -> tuple[str, str]:
-  """transformers CLIPTextModel name -> (OpenCLIP name, kind)."""
+  """transformers CLIPTextModel(WithProjection) name -> (OpenCLIP name, kind)."""
   if name in _OPEN_CLIP_TOP:
     return _OPEN_CLIP_TOP[name], "same"
+  if name == "text_projection.weight":
+    return "text_projection", "transposed"
   m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
   if not m:
     raise ValueError(f"no OpenCLIP name for the text encoder tensor {name!r}")
@@ -356,3 +391,39 @@ def _open_clip_ldm(name: str) -> tuple[str, str]:
   if module not in _OPEN_CLIP_LAYER:
     raise ValueError(f"no OpenCLIP name for the text encoder tensor {name!r}")
   return f"{block}.{_OPEN_CLIP_LAYER[module]}.{leaf}", "same"
+
+
+_TEXT_NAMERS = {"clip": _clip_ldm, "clip_flat": _clip_flat_ldm, "open_clip": _open_clip_ldm}
+
+
+def flat_clip(layout: FamilyLayout) -> FamilyLayout:
+  """`layout` with its "clip" text encoders in the old key layout without
+  `text_model.` (`cond_stage_model.transformer.embeddings...`)."""
+  return dataclasses.replace(layout, text_encoders=tuple(
+      dataclasses.replace(t, style="clip_flat") if t.style == "clip" else t
+      for t in layout.text_encoders))
+
+
+def open_clip_fills(text: TextEncoderLayout, config: Mapping,
+                    dtype) -> dict[str, np.ndarray]:
+  """What an OpenCLIP file holds that the diffusers encoder of `text` does
+  not (SD 2.x, `text.dropped`): block `num_hidden_layers` as a pass-through
+  block (its attention and MLP output projections zero, so `x + 0 + 0`:
+  the last hidden state equals the penultimate one, which is what SD 2.x
+  and the diffusers folder condition on) and an identity `text_projection`
+  (the pooled embedding, which SD 2.x does not use, left unprojected).
+  Empty for encoders that drop nothing."""
+  if not text.dropped:
+    return {}
+  width, mlp = int(config["hidden_size"]), int(config["intermediate_size"])
+  block = f"{text.prefix}transformer.resblocks.{int(config['num_hidden_layers'])}."
+  shapes = {"ln_1.weight": (width,), "ln_1.bias": (width,),
+            "attn.in_proj_weight": (3 * width, width), "attn.in_proj_bias": (3 * width,),
+            "attn.out_proj.weight": (width, width), "attn.out_proj.bias": (width,),
+            "ln_2.weight": (width,), "ln_2.bias": (width,),
+            "mlp.c_fc.weight": (mlp, width), "mlp.c_fc.bias": (mlp,),
+            "mlp.c_proj.weight": (width, mlp), "mlp.c_proj.bias": (width,)}
+  out = {block + name: (np.ones if name.startswith("ln_") and name.endswith("weight")
+                        else np.zeros)(shape, dtype) for name, shape in shapes.items()}
+  out[f"{text.prefix}text_projection"] = np.eye(width, dtype=dtype)
+  return out

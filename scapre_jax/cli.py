@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
       epilog="presets (the paper and the script each reproduces):\n" + "\n".join(
           f"  {name.ljust(width)}  {PRESET_HELP[name]}" for name in PRESETS))
   p.add_argument("--model", help="diffusers folder, cached Hugging Face id or "
-                 "SD 1.x/2.x single .safetensors file (default: the built-in tiny model)")
+                 "SD 1.x/2.x/SDXL single .safetensors file (default: the built-in tiny model)")
   what = p.add_mutually_exclusive_group(required=True)
   what.add_argument("--concepts", help='comma-separated concepts, or a built-in list '
                     '(imagenette-10, imagenet-diverse-50, imagenet-confuse-15, art-50, nsfw)')

@@ -201,7 +201,7 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str = "float32",
   """Loads UNet, text encoder(s) and tokenizer(s) from a local diffusers folder
   (SD 1.x, SD 2.x, SDXL or the SDXL refiner: `detect_family`), an
   already-cached Hugging Face id (never downloads) or a single-file
-  checkpoint (`scapre_jax.single_file`: SD 1.x/2.x `.safetensors`). Params
+  checkpoint (`scapre_jax.single_file`: SD 1.x/2.x/SDXL `.safetensors`). Params
   are cast to `dtype` ("float32", "bfloat16", "float16", "float64"); the
   modules compute in it. `text_dtype` (default: `dtype`) sets the text
   encoder's alone: "float64" gives float64 encodings of a float32 model
@@ -476,6 +476,7 @@ def jax_dtype(name: str):
 
 cast = _cast
 read_safetensors = _read_safetensors
+TOKENIZERS = _TOKENIZERS  # {text encoder part: its tokenizer folder}
 
 
 def read_folder_weights(folder, layout: convert.Layout, expected: Mapping[str, Any], *,

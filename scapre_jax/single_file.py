@@ -74,46 +74,91 @@ _TEXT_SD1 = {
 }
 
 
+_VAE_SDXL = {**_VAE, "force_upcast": True, "sample_size": 1024, "scaling_factor": 0.13025}
+_UNET_SDXL = {
+    **_UNET_SD1, "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+_TEXT_BIGG = {
+    **_TEXT_SD1, "architectures": ["CLIPTextModelWithProjection"], "hidden_act": "gelu",
+    "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
+    "num_hidden_layers": 32, "projection_dim": 1280,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
-  """Built-in diffusers configs of one model family (SD 1.5, SD 2.1 768-v)."""
+  """Built-in diffusers configs of one model family (SD 1.5, SD 2.1 768-v,
+  SDXL-base 1.0): `text` holds {part: config} of its text encoder(s) in
+  TEXT_PARTS order, `pad_tokens` their tokenizers' pad tokens."""
 
   name: str
   title: str
   unet: dict[str, Any]
   vae: dict[str, Any]
-  text_encoder: dict[str, Any]
+  text: dict[str, dict[str, Any]]
   scheduler: dict[str, Any]
-  pad_token: str
+  pad_tokens: dict[str, str]
+  pipeline: str = "StableDiffusionPipeline"
+  flat_clip: bool = False  # SD 1.x files without `text_model.` in the CLIP keys
 
   @property
   def layout(self) -> ldm.FamilyLayout:
-    return ldm.FAMILY_LAYOUTS[self.name]
+    layout = ldm.FAMILY_LAYOUTS[self.name]
+    return ldm.flat_clip(layout) if self.flat_clip else layout
+
+  @property
+  def text_parts(self) -> tuple[str, ...]:
+    return tuple(self.text)
+
+  @property
+  def parts(self) -> tuple[str, ...]:
+    return ("unet", "vae") + self.text_parts
 
   def configs(self) -> dict[str, dict[str, Any]]:
-    return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+    return {"unet": self.unet, "vae": self.vae, **self.text}
 
 
 FAMILIES = {
-    "sd1": Family("sd1", "SD 1.x", _UNET_SD1, _VAE, _TEXT_SD1,
+    "sd1": Family("sd1", "SD 1.x", _UNET_SD1, _VAE, {"text_encoder": _TEXT_SD1},
                   {**_SCHEDULER, "_class_name": "PNDMScheduler", "skip_prk_steps": True},
-                  "<|endoftext|>"),
+                  {"text_encoder": "<|endoftext|>"}),
     "sd2": Family(
         "sd2", "SD 2.x",
         {**_UNET_SD1, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
          "sample_size": 96, "use_linear_projection": True, "upcast_attention": True},
         {**_VAE, "sample_size": 768},
-        {**_TEXT_SD1, "hidden_act": "gelu", "hidden_size": 1024, "intermediate_size": 4096,
-         "num_attention_heads": 16, "num_hidden_layers": 23, "projection_dim": 512},
+        {"text_encoder": {
+            **_TEXT_SD1, "hidden_act": "gelu", "hidden_size": 1024, "intermediate_size": 4096,
+            "num_attention_heads": 16, "num_hidden_layers": 23, "projection_dim": 512}},
         {**_SCHEDULER, "prediction_type": "v_prediction"},
-        "!"),
+        {"text_encoder": "!"}),
+    "sdxl": Family(
+        "sdxl", "SDXL", _UNET_SDXL, _VAE_SDXL,
+        {"text_encoder": _TEXT_SD1, "text_encoder_2": _TEXT_BIGG},
+        {**_SCHEDULER, "_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
+         "prediction_type": "epsilon", "timestep_spacing": "leading",
+         "use_karras_sigmas": False},
+        {"text_encoder": "<|endoftext|>", "text_encoder_2": "!"},
+        pipeline="StableDiffusionXLPipeline"),
 }
-# One key that only each family's text encoder has.
+# Keys that only each family's text encoder(s) have; any one alternative of
+# a tuple suffices.
 _SIGNATURES = {
-    "sd1": ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",),
-    "sd2": ("cond_stage_model.model.token_embedding.weight",),
+    "sd1": (("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+             "cond_stage_model.transformer.embeddings.token_embedding.weight"),),
+    "sd2": (("cond_stage_model.model.token_embedding.weight",),),
+    "sdxl": (("conditioner.embedders.0.transformer.text_model.embeddings."
+              "token_embedding.weight",),
+             ("conditioner.embedders.1.model.token_embedding.weight",)),
 }
-_SDXL = "conditioner.embedders.1.model.token_embedding.weight"
+_FLAT_CLIP = "cond_stage_model.transformer.embeddings.token_embedding.weight"
 
 
 def is_single_file(path) -> bool:
@@ -153,20 +198,21 @@ def detect_family(path, keys) -> Family:
   raises ValueError naming the key prefixes it holds."""
   keys = set(keys)
   for name, signature in _SIGNATURES.items():
-    if all(k in keys for k in signature) and f"{ldm.UNET_PREFIX}input_blocks.0.0.weight" in keys:
+    if (all(any(k in keys for k in alternatives) for alternatives in signature)
+        and f"{ldm.UNET_PREFIX}input_blocks.0.0.weight" in keys):
+      if name == "sd1" and _FLAT_CLIP in keys:
+        return dataclasses.replace(FAMILIES[name], flat_clip=True)
       return FAMILIES[name]
-  if _SDXL in keys:
-    raise ValueError(f"{path} is an SDXL single file; SDXL is not supported yet "
-                     "(only SD 1.x and SD 2.x single files are)")
   prefixes: dict[str, int] = {}
   for key in keys:
     head = ".".join(key.split(".")[:2]) + "."
     prefixes[head] = prefixes.get(head, 0) + 1
   found = ", ".join(f"{p}* ({n})" for p, n in sorted(prefixes.items(), key=lambda x: -x[1])[:8])
   raise ValueError(
-      f"{path} is not an SD 1.x or SD 2.x single file: it holds {len(keys)} tensors, "
-      f"under {found or 'nothing'}; expected model.diffusion_model.* with "
-      "cond_stage_model.transformer.* (SD 1.x) or cond_stage_model.model.* (SD 2.x)")
+      f"{path} is not an SD 1.x, SD 2.x or SDXL single file: it holds {len(keys)} "
+      f"tensors, under {found or 'nothing'}; expected model.diffusion_model.* with "
+      "cond_stage_model.transformer.* (SD 1.x), cond_stage_model.model.* (SD 2.x) or "
+      "conditioner.embedders.0.transformer.* + conditioner.embedders.1.model.* (SDXL)")
 
 
 def family_configs(family: Family, config=None) -> dict[str, dict[str, Any]]:
@@ -175,15 +221,15 @@ def family_configs(family: Family, config=None) -> dict[str, dict[str, Any]]:
   if config is None:
     return family.configs()
   root = models.resolve(config)
-  return {part: models.read_config(root, part) for part in ("unet", "vae", "text_encoder")}
+  return {part: models.read_config(root, part) for part in family.parts}
 
 
 def name_table(family: Family, configs, parts=None) -> ldm.Table:
   """The checked LDM <-> diffusers name table of a model of `family`."""
-  parts = list(parts or ("unet", "vae", "text_encoder"))
+  parts = list(parts or family.parts)
   shapes = {p: models.PARTS[p].layout.torch_shapes(models.abstract_params(p, configs[p]))
             for p in parts}
-  return ldm.build_table(family.name, configs, shapes, parts)
+  return ldm.build_table(family.layout, configs, shapes, parts)
 
 
 def _is_edit_entry(entry: ldm.Entry) -> bool:
@@ -196,10 +242,10 @@ def _is_edit_entry(entry: ldm.Entry) -> bool:
 def load(path, *, dtype: str = "float32", text_dtype: str | None = None, config=None,
          tokenizer=None, weights: str = "all") -> models.LoadedModel:
   """`models.load_model` of a single file. `weights="edit"` reads only the
-  text encoder and the UNet's attn2 to_k/to_v (the rest of the file is never
-  read); "all" reads the whole UNet too. `config`: a diffusers folder whose
-  configs and tokenizer replace the family's built-in ones. `tokenizer`: a
-  folder with the CLIP vocabulary (see `find_tokenizer`)."""
+  text encoder(s) and the UNet's attn2 to_k/to_v (the rest of the file is
+  never read); "all" reads the whole UNet too. `config`: a diffusers folder
+  whose configs and tokenizer(s) replace the family's built-in ones.
+  `tokenizer`: a folder with the CLIP vocabulary (see `find_tokenizer`)."""
   from scapre_jax import io
   if weights not in ("all", "edit"):
     raise ValueError(f"weights must be 'all' or 'edit', got {weights!r}")
@@ -209,28 +255,27 @@ def load(path, *, dtype: str = "float32", text_dtype: str | None = None, config=
   with _open(path) as f:
     family = detect_family(path, f.keys())
     configs = family_configs(family, config)
-    table = name_table(family, configs, ("unet", "text_encoder"))
+    table = name_table(family, configs, ("unet",) + family.text_parts)
     if weights == "edit":
-      table = table.select(lambda e: e.part == "text_encoder" or _is_edit_entry(e))
+      table = table.select(lambda e: e.part != "unet" or _is_edit_entry(e))
     states = _fitted(table.to_diffusers, _getter(f, path), path, family, config)
   params = {}
-  for part in ("unet", "text_encoder"):
+  for part in ("unet",) + family.text_parts:
     expected = models.abstract_params(part, configs[part])
     if part == "unet" and weights == "edit":
       flat = convert.flatten(expected)
       expected = convert.unflatten({p: a for p, a in flat.items()
                                     if io.EDIT_PATH.fullmatch(p)})
     params[part] = models.PARTS[part].layout.to_flax(states[part], expected)
-  if tokenizer is None and config is not None:
-    tokenizer = models.resolve(config) / "tokenizer"
   return models.LoadedModel(
       unet=models.build("unet", configs["unet"], dtype=dtype),
       unet_params=models.cast(params["unet"], jdtype),
-      text_encoders=(models.TextEncoder(
-          part="text_encoder",
-          module=models.build("text_encoder", configs["text_encoder"], dtype=text_dtype),
-          params=models.cast(params["text_encoder"], models.jax_dtype(text_dtype)),
-          tokenizer=find_tokenizer(family, tokenizer)),),
+      text_encoders=tuple(models.TextEncoder(
+          part=part,
+          module=models.build(part, configs[part], dtype=text_dtype),
+          params=models.cast(params[part], models.jax_dtype(text_dtype)),
+          tokenizer=tokenizer_of(family, part, config, tokenizer))
+          for part in family.text_parts),
       family=family.name,
       path=path,
       unet_config=configs["unet"],
@@ -239,6 +284,14 @@ def load(path, *, dtype: str = "float32", text_dtype: str | None = None, config=
       unet_files=(path,),
       dtype=dtype,
   )
+
+
+def tokenizer_of(family: Family, part: str, config=None, tokenizer=None):
+  """The tokenizer of text encoder `part`: the `config` folder's own when
+  one is given (and no `tokenizer` folder), else `find_tokenizer`."""
+  if tokenizer is None and config is not None:
+    tokenizer = models.resolve(config) / models.TOKENIZERS[part]
+  return find_tokenizer(family, tokenizer, part=part)
 
 
 def _fitted(convert_fn, arg, path, family: Family, config):
@@ -274,12 +327,13 @@ _PACKAGES = (("open_clip", _BPE_GZ), ("clip", _BPE_GZ),
              ("comfy", "sd1_tokenizer/vocab.json"))
 
 
-def find_tokenizer(family: Family, folder=None):
+def find_tokenizer(family: Family, folder=None, *, part: str = "text_encoder"):
   """A CLIPTokenizer with the real CLIP vocabulary, found without a download:
   `folder` (vocab.json + merges.txt, or bpe_simple_vocab_16e6.txt.gz), else
   the Hugging Face cache's openai/clip-vit-large-patch14, else a package
   that ships the vocabulary (open_clip, OpenAI's clip, ComfyUI). The pad
-  token is the family's."""
+  token is that of the family's text encoder `part` (every SD encoder
+  shares the vocabulary; SD 2.x and SDXL's second pad with "!")."""
   looked = []
   if folder is not None:
     folder = pathlib.Path(folder).expanduser()
@@ -287,7 +341,7 @@ def find_tokenizer(family: Family, folder=None):
     if found is None:
       raise FileNotFoundError(
           f"tokenizer folder {folder} holds neither vocab.json + merges.txt nor {_BPE_GZ}")
-    return _tokenizer(found, family)
+    return _tokenizer(found, family.pad_tokens[part])
   found = _vocab_in_hf_cache()
   looked.append(f"the Hugging Face cache ({CLIP_REPO})")
   for package, rel in _PACKAGES:
@@ -306,7 +360,7 @@ def find_tokenizer(family: Family, folder=None):
         f"Put vocab.json and merges.txt of {CLIP_REPO} (or {_BPE_GZ}) in a folder and "
         "pass --tokenizer FOLDER, or install a package that ships it: "
         "pip install openai-clip")
-  return _tokenizer(found, family)
+  return _tokenizer(found, family.pad_tokens[part])
 
 
 def _vocab_in(folder: pathlib.Path):
@@ -346,7 +400,7 @@ def bpe_files(gz: pathlib.Path) -> tuple[dict[str, int], list[str]]:
   return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def _tokenizer(found: pathlib.Path, family: Family):
+def _tokenizer(found: pathlib.Path, pad_token: str):
   from transformers import CLIPTokenizer
   if found.is_dir() and (found / "tokenizer_config.json").is_file():
     return CLIPTokenizer.from_pretrained(found, local_files_only=True)
@@ -359,7 +413,7 @@ def _tokenizer(found: pathlib.Path, family: Family):
       vocab_file, merges_file = tmp / "vocab.json", tmp / "merges.txt"
       vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
       merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=family.pad_token,
+    return CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=pad_token,
                          model_max_length=77)
 
 
@@ -367,23 +421,26 @@ def _tokenizer(found: pathlib.Path, family: Family):
 
 
 def folder_family(root) -> Family:
-  """The family whose single-file layout fits the diffusers folder `root`:
-  its text encoder's activation tells CLIP (SD 1.x, quick_gelu) from
-  OpenCLIP (SD 2.x, gelu). SDXL folders have no single-file layout here yet."""
-  if "text_encoder_2" in models.text_parts(models.resolve(root)):
-    raise ValueError(f"{root} is an SDXL model; SDXL single files (and LDM names) are "
-                     "not supported yet, only SD 1.x and SD 2.x")
-  act = models.read_config(root, "text_encoder").get("hidden_act")
-  by_act = {"quick_gelu": "sd1", "gelu": "sd2"}
-  if act not in by_act:
-    raise ValueError(f"{root}: text encoder hidden_act={act!r} fits neither SD 1.x "
-                     "(quick_gelu) nor SD 2.x (gelu)")
-  return FAMILIES[by_act[act]]
+  """The family whose single-file layout fits the diffusers folder `root`
+  (`models.detect_family`: SD 1.x, SD 2.x or SDXL; the SDXL refiner has no
+  single-file layout here yet)."""
+  root = models.resolve(root)
+  parts = models.text_parts(root)
+  name = models.detect_family(root, models.read_config(root, "unet"),
+                              {p: models.read_config(root, p) for p in parts})
+  if name not in FAMILIES:
+    raise ValueError(f"{root} is an {models.FAMILIES[name]} model; its single-file "
+                     f"layout is not supported yet, only {', '.join(f.title for f in FAMILIES.values())}")
+  return FAMILIES[name]
 
 
 def folder_to_file(src, out, *, overwrite: bool = False) -> pathlib.Path:
   """Writes the diffusers folder `src` as one LDM-layout safetensors file
-  `out` (UNet, VAE, text encoder; each tensor in its stored dtype)."""
+  `out` (UNet, VAE, text encoder(s); each tensor in its stored dtype). An
+  SD 2.x file also gets what diffusers drops (`ldm.open_clip_fills`: a
+  pass-through 24th OpenCLIP block and an identity text projection), so
+  that it has every tensor the LDM model of AUTOMATIC1111 and ComfyUI
+  builds; the names of these are recorded in the metadata."""
   from scapre_jax import __version__, io
   root = models.resolve(src)
   out = pathlib.Path(out)
@@ -391,7 +448,7 @@ def folder_to_file(src, out, *, overwrite: bool = False) -> pathlib.Path:
   if out.suffix != ".safetensors":
     raise ValueError(f"output {out} must end in .safetensors")
   family = folder_family(root)
-  configs = {p: models.read_config(root, p) for p in ("unet", "vae", "text_encoder")}
+  configs = {p: models.read_config(root, p) for p in family.parts}
   table = name_table(family, configs)
   states = {}
   for part in configs:
@@ -400,18 +457,25 @@ def folder_to_file(src, out, *, overwrite: bool = False) -> pathlib.Path:
         params, models.abstract_params(part, configs[part]))
   tensors = table.to_ldm(states)
   io.check_finite(tensors)
+  fills = {}
+  for text in family.layout.text_encoders:
+    dtype = next(iter(states[text.part].values())).dtype
+    fills.update(ldm.open_clip_fills(text, configs[text.part], dtype))
   meta = {"format": "pt", "scapre_jax.family": family.name,
           "scapre_jax.source": root.name, "scapre_jax_version": __version__}
+  if fills:
+    meta["scapre_jax.filled"] = json.dumps(sorted(fills))
   outputs.atomic_file(out, overwrite, lambda tmp: safetensors.numpy.save_file(
-      tensors, tmp, metadata=meta))
+      {**tensors, **fills}, tmp, metadata=meta))
   return out
 
 
-def file_to_folder(src, out, *, config=None, tokenizer=None,
+def file_to_folder(src, out, *, config=None, tokenizer=None, prediction_type=None,
                    overwrite: bool = False) -> pathlib.Path:
   """Writes the single file `src` as a diffusers folder `out`: the
   family's built-in configs (or those of the folder `config`), the CLIP
-  tokenizer (`find_tokenizer`) and the scheduler config."""
+  tokenizer(s) (`tokenizer_of`) and the scheduler config
+  (`scheduler_config`; `prediction_type` overrides)."""
   from scapre_jax import io
   path = check_file(src)
   out = pathlib.Path(out)
@@ -421,20 +485,28 @@ def file_to_folder(src, out, *, config=None, tokenizer=None,
     configs = family_configs(family, config)
     states = _fitted(name_table(family, configs).to_diffusers, _getter(f, path), path,
                      family, config)
-  if tokenizer is None and config is not None:
-    tokenizer = models.resolve(config) / "tokenizer"
-  tok = find_tokenizer(family, tokenizer)
+    scheduler = scheduler_config(f, path, family, configs["unet"], config=config,
+                                 prediction_type=prediction_type)
+  if config is None and family.name == "sd2" and scheduler["prediction_type"] == "epsilon":
+    # The SD 2.x epsilon models are the 512 px base ones; 768-v is built in.
+    configs = {**configs, "unet": {**configs["unet"], "sample_size": 64},
+               "vae": {**configs["vae"], "sample_size": 512}}
+  toks = {part: tokenizer_of(family, part, config, tokenizer) for part in family.text_parts}
   for part, state in states.items():
     io.check_finite(state)
 
   def build(tmp: pathlib.Path) -> None:
-    index = {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
-             "requires_safety_checker": False, "safety_checker": [None, None],
-             "scheduler": ["diffusers", family.scheduler["_class_name"]],
-             "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"],
+    index = {"_class_name": family.pipeline, "feature_extractor": [None, None],
+             "scheduler": ["diffusers", scheduler["_class_name"]],
              "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"]}
+    if family.pipeline == "StableDiffusionPipeline":
+      index.update(requires_safety_checker=False, safety_checker=[None, None])
+    else:
+      index.update(force_zeros_for_empty_prompt=True, image_encoder=[None, None])
+    for part in family.text_parts:
+      index[part] = ["transformers", configs[part].get("architectures", ["CLIPTextModel"])[0]]
+      index[models.TOKENIZERS[part]] = ["transformers", "CLIPTokenizer"]
     _json(tmp / "model_index.json", index)
     for part, state in states.items():
       spec = models.PARTS[part]
@@ -442,11 +514,72 @@ def file_to_folder(src, out, *, config=None, tokenizer=None,
       safetensors.numpy.save_file(
           {n: np.ascontiguousarray(a) for n, a in state.items()},
           tmp / spec.folder / f"{spec.torch_stem}.safetensors", metadata={"format": "pt"})
-    _json(tmp / "scheduler" / "scheduler_config.json", family.scheduler)
-    tok.save_pretrained(tmp / "tokenizer")
+    _json(tmp / "scheduler" / "scheduler_config.json", scheduler)
+    for part, tok in toks.items():
+      tok.save_pretrained(tmp / models.TOKENIZERS[part])
 
   outputs.atomic_dir(out, overwrite, build)
   return out
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# ComfyUI's rule for SD 2.x files that say nothing (its SD20.model_type): the
+# 768-v models' last up block's first transformer norm1 bias has a standard
+# deviation above 0.09, the 512 epsilon models' below.
+_V_STD = 0.09
+_V_NORM = re.compile(r"up_blocks\.\d+\.attentions\.\d+\.transformer_blocks\.0\.norm1\.bias")
+
+
+def read_prediction_type(f, path, family: Family, unet_config, *, flag=None) -> tuple[str, str]:
+  """(prediction type, why) of the single file open as `f`: `flag` if
+  given, else what the file says (a `v_pred` key, as ComfyUI reads it;
+  the metadata's `modelspec.prediction_type` or kohya's
+  `ss_v_parameterization`), else for SD 2.x ComfyUI's statistic (the std of
+  the last up block's first norm1 bias above 0.09: 768-v; below: the 512
+  base), else epsilon (SD 1.x, SDXL)."""
+  if flag is not None:
+    if flag not in PREDICTION_TYPES:
+      raise ValueError(f"prediction type must be one of {PREDICTION_TYPES}, got {flag!r}")
+    return flag, "given"
+  keys = set(f.keys())
+  meta = f.metadata() or {}
+  if "v_pred" in keys:
+    return "v_prediction", "the file's v_pred key"
+  said = meta.get("modelspec.prediction_type")
+  if said is not None:
+    by_word = {"epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
+    if said not in by_word:
+      raise ValueError(f"{path}: metadata modelspec.prediction_type={said!r} is neither "
+                       "'epsilon' nor 'v'; pass --prediction-type")
+    return by_word[said], "the file's modelspec.prediction_type"
+  if meta.get("ss_v_parameterization", "").lower() == "true":
+    return "v_prediction", "the file's ss_v_parameterization"
+  if family.name != "sd2":
+    return "epsilon", f"{family.title} default"
+  table = name_table(family, {"unet": unet_config}, ("unet",))
+  name = [e.ldm for e in table.entries if _V_NORM.fullmatch(e.names[0])][-1]
+  bias = np.asarray(_getter(f, path)(name), np.float64)
+  if bias.std() > _V_STD:
+    return "v_prediction", f"std {bias.std():.3f} > {_V_STD} of {name} (ComfyUI's rule)"
+  return "epsilon", f"std {bias.std():.3f} <= {_V_STD} of {name} (ComfyUI's rule)"
+
+
+def scheduler_config(f, path, family: Family, unet_config, *, config=None,
+                     prediction_type=None) -> dict[str, Any]:
+  """The scheduler config of the single file open as `f`: the `config`
+  folder's if it has one, else the family's built-in one; its
+  `prediction_type` from `read_prediction_type` (`prediction_type` is the
+  --prediction-type flag), unless the folder's own config was taken and no
+  flag was given."""
+  from_folder = None
+  if config is not None:
+    candidate = models.resolve(config) / "scheduler" / "scheduler_config.json"
+    if candidate.is_file():
+      from_folder = json.loads(candidate.read_text())
+  if from_folder is not None and prediction_type is None:
+    return from_folder
+  chosen, _ = read_prediction_type(f, path, family, unet_config, flag=prediction_type)
+  return {**(from_folder or family.scheduler), "prediction_type": chosen}
 
 
 def _json(path: pathlib.Path, obj) -> None:

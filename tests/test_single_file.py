@@ -2,7 +2,7 @@
 own converter, from_single_file parity, the reader, erase and apply on a
 single file, the real CLIP tokenizer, and bad input.
 
-The tiny SD 1.x / SD 2.x models are written to single files by our
+The tiny SD 1.x / SD 2.x / SDXL models are written to single files by our
 converter; every comparison is exact (the same bytes or the same float64
 numbers), since nothing here computes in float32 apart from the edit, which
 runs the same program on the same inputs from the file and from the folder.
@@ -24,7 +24,9 @@ import convert
 from convert import ldm
 from scapre_jax import cli, erase, io, models, requests, single_file, text, tiny
 
-VARIANTS = ("sd1", "sd2")
+VARIANTS = ("sd1", "sd2", "sdxl")
+PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+             "sdxl": "StableDiffusionXLPipeline"}
 
 
 @pytest.fixture(scope="module")
@@ -65,27 +67,40 @@ def _id_tensor(torch, entry, i):
   return torch.full(ones, float(10 * i)).expand(entry.shape)
 
 
+def _diffusers_convert(sfu, variant, checkpoint, configs):
+  """{part: diffusers state dict} of an LDM checkpoint by diffusers' own
+  converters, as `from_single_file` calls them for each family."""
+  converted = {
+      "unet": sfu.convert_ldm_unet_checkpoint(checkpoint, configs["unet"]),
+      "vae": sfu.convert_ldm_vae_checkpoint(checkpoint, configs["vae"]),
+  }
+  open_clip = {"sd2": ("text_encoder", "cond_stage_model.model."),
+               "sdxl": ("text_encoder_2", "conditioner.embedders.1.model.")}
+  if variant != "sd2":  # CLIP ViT-L: SD 1.x's encoder, SDXL's first
+    converted["text_encoder"] = sfu.convert_ldm_clip_checkpoint(checkpoint)
+  if variant in open_clip:
+    part, prefix = open_clip[variant]
+    model = types.SimpleNamespace(config=types.SimpleNamespace(
+        hidden_size=configs[part]["hidden_size"]))
+    converted[part] = sfu.convert_open_clip_checkpoint(model, checkpoint, prefix=prefix)
+  return converted
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_table_matches_diffusers_converter_on_real_configs(variant):
-  """Our table for the built-in SD 1.5 / SD 2.1 configs, run through
-  diffusers' own LDM converters: every diffusers tensor comes out with the
-  shape the config wants and from the entry (and q/k/v third) we name."""
+  """Our table for the built-in SD 1.5 / SD 2.1 / SDXL-base configs, run
+  through diffusers' own LDM converters: every diffusers tensor comes out
+  with the shape the config wants and from the entry (and q/k/v third) we
+  name. (SDXL's text projection is square here; the tiny model's is not:
+  `test_table_round_trip_and_fused_split`.)"""
   torch = pytest.importorskip("torch")
   from diffusers.loaders import single_file_utils as sfu
   family = single_file.FAMILIES[variant]
   configs = family.configs()
   table = single_file.name_table(family, configs)
   checkpoint = {e.ldm: _id_tensor(torch, e, i) for i, e in enumerate(table.entries)}
-  converted = {
-      "unet": sfu.convert_ldm_unet_checkpoint(checkpoint, configs["unet"]),
-      "vae": sfu.convert_ldm_vae_checkpoint(checkpoint, configs["vae"]),
-  }
-  if variant == "sd1":
-    converted["text_encoder"] = sfu.convert_ldm_clip_checkpoint(checkpoint)
-  else:
-    model = types.SimpleNamespace(config=types.SimpleNamespace(
-        hidden_size=configs["text_encoder"]["hidden_size"]))
-    converted["text_encoder"] = sfu.convert_open_clip_checkpoint(model, checkpoint)
+  converted = _diffusers_convert(sfu, variant, checkpoint, configs)
+  assert set(converted) == set(family.parts)
   for part, state in converted.items():
     shapes = models.PARTS[part].layout.torch_shapes(
         models.abstract_params(part, configs[part]))
@@ -109,8 +124,13 @@ def test_builtin_configs_have_the_published_sizes():
   sd1, sd2 = single_file.FAMILIES["sd1"], single_file.FAMILIES["sd2"]
   assert count("unet", sd1.unet) == 859_520_964
   assert count("vae", sd1.vae) == 83_653_863
-  assert count("text_encoder", sd1.text_encoder) == 123_060_480
+  assert count("text_encoder", sd1.text["text_encoder"]) == 123_060_480
   assert count("unet", sd2.unet) == 865_910_724
+  # SDXL-base 1.0: UNet 2.57 B, OpenCLIP bigG with its projection 695 M.
+  sdxl = single_file.FAMILIES["sdxl"]
+  assert count("unet", sdxl.unet) == 2_567_463_684
+  assert count("text_encoder", sdxl.text["text_encoder"]) == 123_060_480
+  assert count("text_encoder_2", sdxl.text["text_encoder_2"]) == 694_659_840
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -120,10 +140,12 @@ def test_table_round_trip_and_fused_split(tiny_models, variant):
   family = single_file.FAMILIES[variant]
   configs = single_file.family_configs(family, folder)
   table = single_file.name_table(family, configs)
-  assert set(tensors) == set(table.ldm_names)
+  filled = set(json.loads(_tensors(path)[1].get("scapre_jax.filled", "[]")))
+  assert bool(filled) == (variant == "sd2")
+  assert set(tensors) == set(table.ldm_names) | filled
   states = table.to_diffusers(tensors.__getitem__)
   back = table.to_ldm(states)
-  assert set(back) == set(tensors)
+  assert set(back) == set(tensors) - filled
   assert all(back[k].tobytes() == tensors[k].tobytes() for k in back)
   # A VAE attention conv stored as a linear (some files do) reads the same.
   q = "first_stage_model.encoder.mid.attn_1.q.weight"
@@ -132,17 +154,27 @@ def test_table_round_trip_and_fused_split(tiny_models, variant):
   assert np.array_equal(table.to_diffusers(linear.__getitem__)["vae"][
       "encoder.mid_block.attentions.0.to_q.weight"], tensors[q][:, :, 0, 0])
   # The folder's own torch tensors are what the table produced.
-  text_state = safetensors.numpy.load_file(folder / "text_encoder" / "model.safetensors")
-  for name, array in states["text_encoder"].items():
-    assert np.array_equal(array, text_state[name]), name
-  if variant == "sd2":
-    fused = "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"
-    width = configs["text_encoder"]["hidden_size"]
+  for part in family.text_parts:
+    text_state = safetensors.numpy.load_file(folder / part / "model.safetensors")
+    for name, array in states[part].items():
+      assert np.array_equal(array, text_state[name]), name
+  if variant != "sd1":
+    part, prefix = (("text_encoder", "cond_stage_model.model.") if variant == "sd2" else
+                    ("text_encoder_2", "conditioner.embedders.1.model."))
+    text_state = safetensors.numpy.load_file(folder / part / "model.safetensors")
+    fused = prefix + "transformer.resblocks.1.attn.in_proj_weight"
+    width = configs[part]["hidden_size"]
     assert tensors[fused].shape == (3 * width, width)
     for third, proj in enumerate(("q_proj", "k_proj", "v_proj")):
       name = f"text_model.encoder.layers.1.self_attn.{proj}.weight"
       assert np.array_equal(tensors[fused][third * width:(third + 1) * width],
                             text_state[name])
+  if variant == "sdxl":
+    # OpenCLIP multiplies by its text_projection (x @ P): the transpose of
+    # transformers' weight, (64, 32) against (32, 64) in the tiny model.
+    projection = tensors["conditioner.embedders.1.model.text_projection"]
+    assert projection.shape == (64, 32)
+    assert np.array_equal(projection, text_state["text_projection.weight"].T)
 
 
 # -- reading ------------------------------------------------------------------------
@@ -153,13 +185,15 @@ def test_from_single_file_loads_our_file(tiny_models, variant):
   """PyTorch diffusers reads our single file into the same UNet, text
   encoder and VAE tensors as the folder."""
   torch = pytest.importorskip("torch")
-  from diffusers import StableDiffusionPipeline
+  import diffusers
+  pipeline = getattr(diffusers, PIPELINES[variant])
   folder, path = tiny_models[variant]
-  kwargs = {"safety_checker": None, "requires_safety_checker": False}
-  pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(folder),
-                                                  local_files_only=True, **kwargs)
-  ref = StableDiffusionPipeline.from_pretrained(str(folder), **kwargs)
-  for part in ("unet", "text_encoder", "vae"):
+  kwargs = ({"safety_checker": None, "requires_safety_checker": False}
+            if variant != "sdxl" else {})
+  pipe = pipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                   **kwargs)
+  ref = pipeline.from_pretrained(str(folder), **kwargs)
+  for part in single_file.FAMILIES[variant].parts:
     got, want = getattr(pipe, part).state_dict(), getattr(ref, part).state_dict()
     assert set(want) <= set(got), part
     for name in want:
@@ -171,8 +205,12 @@ def test_reader_gives_the_folder_params(tiny_models, variant):
   folder, path = tiny_models[variant]
   model = models.load_model(path, config=folder)
   ref = models.load_model(folder)
+  assert model.family == ref.family == variant
   _flat_equal(model.unet_params, ref.unet_params)
-  _flat_equal(model.text_params, ref.text_params)
+  assert [t.part for t in model.text_encoders] == [t.part for t in ref.text_encoders]
+  for got, want in zip(model.text_encoders, ref.text_encoders):
+    _flat_equal(got.params, want.params)
+    assert got.tokenizer.pad_token == want.tokenizer.pad_token
   assert model.weights_format == "single-file"
   assert model.fingerprint == models.fingerprint([path])
   assert model.unet_config == ref.unet_config
@@ -180,7 +218,51 @@ def test_reader_gives_the_folder_params(tiny_models, variant):
   edit = models.load_model(path, config=folder, weights="edit")
   _flat_equal(edit.unet_params, convert.unflatten(
       models.cross_attention_kernels(ref.unet_params)))
-  _flat_equal(edit.text_params, ref.text_params)
+  for got, want in zip(edit.text_encoders, ref.text_encoders):
+    _flat_equal(got.params, want.params)
+
+
+def test_sd2_file_fills_the_block_diffusers_drops(tiny_models):
+  """An SD 2.x file written from a folder holds the whole OpenCLIP tower
+  that AUTOMATIC1111 and ComfyUI build (one block more than the diffusers
+  encoder, and a text projection). Built as transformers' PyTorch
+  CLIPTextModelWithProjection from diffusers' own OpenCLIP converter, that
+  tower encodes exactly as the folder's encoder at the penultimate hidden
+  state (what SD 2.x conditions on) and at the last one: the filled block
+  adds exactly zero."""
+  torch = pytest.importorskip("torch")
+  import transformers
+  from diffusers.loaders import single_file_utils as sfu
+  folder, path = tiny_models["sd2"]
+  config = json.loads((folder / "text_encoder" / "config.json").read_text())
+  tensors, meta = _tensors(path)
+  assert json.loads(meta["scapre_jax.filled"]) == sorted(
+      k for k in tensors if ".resblocks.2." in k or k.endswith("text_projection"))
+  checkpoint = {k: torch.from_numpy(v) for k, v in tensors.items()}
+  full = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+      **{**config, "num_hidden_layers": config["num_hidden_layers"] + 1,
+         "projection_dim": config["hidden_size"], "torch_dtype": "float64"})).double().eval()
+  state = sfu.convert_open_clip_checkpoint(full, checkpoint)
+  # diffusers' converter drops SD 2.x's projection (x @ P in OpenCLIP).
+  state["text_projection.weight"] = checkpoint["cond_stage_model.model.text_projection"].T
+  missing, unexpected = full.load_state_dict(state, strict=False)
+  assert not unexpected and set(missing) <= {"text_model.embeddings.position_ids"}
+  ref = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder",
+                                                   torch_dtype=torch.float64).eval()
+  ids = torch.tensor([[config["bos_token_id"], 5, 7, 9, config["eos_token_id"]] + [2] * 72])
+  # transformers builds CLIP's causal mask in the default dtype.
+  previous = torch.get_default_dtype()
+  torch.set_default_dtype(torch.float64)
+  try:
+    with torch.no_grad():
+      got = full(ids, output_hidden_states=True)
+      want = ref(ids, output_hidden_states=True)
+  finally:
+    torch.set_default_dtype(previous)
+  assert torch.equal(got.hidden_states[-2], want.hidden_states[-1])
+  assert torch.equal(got.hidden_states[-1], want.hidden_states[-1])
+  assert torch.equal(got.last_hidden_state, want.last_hidden_state)
+  assert torch.equal(got.text_embeds, want.pooler_output)  # identity projection
 
 
 def test_reader_takes_float16_ema_and_extra_keys(tiny_models, tmp_path):
@@ -224,7 +306,10 @@ def _erase(model, out, config=None, **kwargs):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_erase_from_file_equals_folder(tiny_models, tmp_path, variant):
   torch = pytest.importorskip("torch")
-  from diffusers import StableDiffusionPipeline
+  import diffusers
+  pipeline = getattr(diffusers, PIPELINES[variant])
+  kwargs = ({"safety_checker": None, "requires_safety_checker": False}
+            if variant != "sdxl" else {})
   folder, path = tiny_models[variant]
   _erase(folder, tmp_path / "folder", full=True)
   _erase(path, tmp_path / "file", config=str(folder), full=True)
@@ -260,21 +345,19 @@ def test_erase_from_file_equals_folder(tiny_models, tmp_path, variant):
   assert record["concepts"] == ["parachute", "golf ball"]
   assert record["base_fingerprint"] == models.fingerprint([path])
   # diffusers reads the edited file with the folder run's projections.
-  pipe = StableDiffusionPipeline.from_single_file(
-      str(edited), config=str(folder), local_files_only=True, safety_checker=None,
-      requires_safety_checker=False)
-  ref = StableDiffusionPipeline.from_pretrained(str(tmp_path / "folder" / "model"),
-                                                safety_checker=None,
-                                                requires_safety_checker=False)
+  pipe = pipeline.from_single_file(str(edited), config=str(folder), local_files_only=True,
+                                   **kwargs)
+  ref = pipeline.from_pretrained(str(tmp_path / "folder" / "model"), **kwargs)
   got_state, want_state = pipe.unet.state_dict(), ref.unet.state_dict()
   assert all(torch.equal(got_state[k], want_state[k]) for k in want_state)
 
 
-def test_ldm_names_apply_and_cli(tiny_models, tmp_path, capsys):
+@pytest.mark.parametrize("variant", ("sd1", "sdxl"))
+def test_ldm_names_apply_and_cli(tiny_models, tmp_path, capsys, variant):
   """--names ldm edit files hold the file's own tensor names and read back
   as the diffusers-named edit; apply on the single file writes exactly what
   erase --full wrote."""
-  folder, path = tiny_models["sd1"]
+  folder, path = tiny_models[variant]
   out = tmp_path / "ldm"
   assert cli.main(["erase", "--model", str(path), "--config", str(folder), "--concepts",
                    "parachute, golf ball", "--seed", "1", "--names", "ldm", "--full",
@@ -302,14 +385,16 @@ def test_ldm_names_apply_and_cli(tiny_models, tmp_path, capsys):
   assert "refusing to apply" in capsys.readouterr().err
 
 
-def test_convert_round_trip(tiny_models, tmp_path):
+@pytest.mark.parametrize("variant", ("sd2", "sdxl"))
+def test_convert_round_trip(tiny_models, tmp_path, variant):
   """file -> folder -> file keeps every tensor bit for bit; the folder
   holds the original folder's tensors."""
-  folder, path = tiny_models["sd2"]
+  folder, path = tiny_models[variant]
   back = tmp_path / "back"
   assert cli.main(["convert", str(path), str(back), "--config", str(folder)]) == 0
-  for part, weights in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
-                        ("text_encoder", "model")):
+  assert models.load_model(back).family == variant
+  for part in single_file.FAMILIES[variant].parts:
+    weights = models.PARTS[part].torch_stem
     got = safetensors.numpy.load_file(back / part / f"{weights}.safetensors")
     want = safetensors.numpy.load_file(folder / part / f"{weights}.safetensors")
     want.pop("text_model.embeddings.position_ids", None)
@@ -351,7 +436,7 @@ PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ("sd1", "sd2"))
 def test_real_tokenizer_positions_equal_openai_clip(variant):
   """The tokenizer found without a download encodes like OpenAI's CLIP
   tokenizer: same ids, lengths, end token and truncation at 77; padding
@@ -393,12 +478,16 @@ def test_bad_files(tiny_models, tmp_path, capsys):
   unknown = tmp_path / "unknown.safetensors"
   safetensors.numpy.save_file({"encoder.layer.0.weight": np.zeros(2, np.float32),
                                "encoder.layer.1.weight": np.zeros(2, np.float32)}, unknown)
-  with pytest.raises(ValueError, match=r"not an SD 1.x or SD 2.x single file.*encoder.layer"):
+  with pytest.raises(ValueError, match=r"not an SD 1.x, SD 2.x or SDXL single file.*"
+                                       r"encoder.layer"):
     models.load_model(unknown)
-  sdxl = tmp_path / "sdxl.safetensors"
-  safetensors.numpy.save_file({single_file._SDXL: np.zeros(2, np.float32)}, sdxl)
-  with pytest.raises(ValueError, match="SDXL single file; SDXL is not supported yet"):
-    models.load_model(sdxl)
+  # The SDXL refiner's layout (OpenCLIP under embedders.0) is not known.
+  refiner = tmp_path / "refiner.safetensors"
+  safetensors.numpy.save_file({
+      "conditioner.embedders.0.model.token_embedding.weight": np.zeros(2, np.float32),
+      ldm.UNET_PREFIX + "input_blocks.0.0.weight": np.zeros(2, np.float32)}, refiner)
+  with pytest.raises(ValueError, match=r"SDXL single file.*conditioner\.embedders\.\* \(1\)"):
+    models.load_model(refiner)
   truncated = tmp_path / "truncated.safetensors"
   truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
   with pytest.raises(ValueError, match="corrupt or truncated"):
