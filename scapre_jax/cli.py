@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("src")
   p.add_argument("dst")
   _add_single_file(p)
+  _add_prediction_type(p)
   p.add_argument("--overwrite", action="store_true")
 
   p = sub.add_parser("verify", help="recompute an edit file with the PyTorch reference "
@@ -214,6 +215,12 @@ def _add_single_file(p: argparse.ArgumentParser) -> None:
   p.add_argument("--tokenizer", metavar="DIR", help="single-file model: folder with "
                  "the CLIP vocabulary (vocab.json + merges.txt, or "
                  "bpe_simple_vocab_16e6.txt.gz)")
+
+
+def _add_prediction_type(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                 help="single-file model: what its UNet predicts (default: what the file "
+                      "says, else SD 2.x by ComfyUI's rule, else epsilon)")
 
 
 def _seed(text: str) -> int:
@@ -536,10 +543,13 @@ def _command(args, stop) -> int:
     from scapre_jax import single_file
     if single_file.is_single_file(args.src):
       print(single_file.file_to_folder(args.src, args.dst, config=args.config,
-                                       tokenizer=args.tokenizer, overwrite=args.overwrite))
+                                       tokenizer=args.tokenizer,
+                                       prediction_type=args.prediction_type,
+                                       overwrite=args.overwrite))
     else:
-      if args.config or args.tokenizer:
-        raise ValueError("--config and --tokenizer apply when SRC is a single file")
+      if args.config or args.tokenizer or args.prediction_type:
+        raise ValueError("--config, --tokenizer and --prediction-type apply when SRC is "
+                         "a single file")
       print(single_file.folder_to_file(args.src, args.dst, overwrite=args.overwrite))
     return 0
   raise AssertionError(args.command)

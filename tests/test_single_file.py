@@ -553,3 +553,116 @@ def test_header_layout_is_kept(tiny_models, tmp_path):
   assert out.stat().st_size - start == path.stat().st_size - single_file._header(path)[1]
   with open(out, "rb") as f:
     assert struct.unpack("<Q", f.read(8))[0] == start - 8
+
+
+# -- the remaining single-file layouts: prediction type, bf16, old CLIP keys -----------
+
+
+def _rewrite(path, out, change=lambda t: t, metadata=None):
+  tensors, meta = _tensors(path)
+  safetensors.numpy.save_file(change(tensors), out, metadata={**meta, **(metadata or {})})
+  return out
+
+
+def test_prediction_type_from_the_file(tiny_models, tmp_path):
+  """SD 2.x: a flag, else the file's `v_pred` key or metadata, else
+  ComfyUI's statistic: the std of the last up block's first norm1 bias
+  (tiny SD 2.x: up_blocks.1.attentions.1 = output_blocks.3.1, as SD 2's
+  output_blocks.11.1) above 0.09 means v-prediction."""
+  folder, path = tiny_models["sd2"]
+  family = single_file.FAMILIES["sd2"]
+  unet_config = json.loads((folder / "unet" / "config.json").read_text())
+  norm = ldm.UNET_PREFIX + "output_blocks.3.1.transformer_blocks.0.norm1.bias"
+
+  def with_std(value):
+    def change(tensors):
+      signs = np.where(np.arange(tensors[norm].size) % 2, 1.0, -1.0)  # std = value
+      return {**tensors, norm: (value * signs).astype(tensors[norm].dtype)}
+    return change
+
+  def read(file, flag=None, fam=family):
+    with safetensors.safe_open(file, framework="np") as f:
+      return single_file.read_prediction_type(f, file, fam, unet_config, flag=flag)[0]
+
+  v = _rewrite(path, tmp_path / "v.safetensors", with_std(0.2))
+  eps = _rewrite(path, tmp_path / "eps.safetensors", with_std(0.05))
+  assert read(v) == "v_prediction" and read(eps) == "epsilon"
+  assert read(v, "epsilon") == "epsilon"
+  with pytest.raises(ValueError, match="prediction type must be one of"):
+    read(v, "v")
+  assert read(_rewrite(eps, tmp_path / "k.safetensors",
+                       lambda t: {**t, "v_pred": np.zeros(0, np.float32)})) == "v_prediction"
+  for said, want in (("v", "v_prediction"), ("epsilon", "epsilon")):
+    assert read(_rewrite(v if want == "epsilon" else eps, tmp_path / f"m{said}.safetensors",
+                         metadata={"modelspec.prediction_type": said})) == want
+  assert read(_rewrite(eps, tmp_path / "ss.safetensors",
+                       metadata={"ss_v_parameterization": "True"})) == "v_prediction"
+  with pytest.raises(ValueError, match="neither 'epsilon' nor 'v'; pass --prediction-type"):
+    read(_rewrite(eps, tmp_path / "bad.safetensors",
+                  metadata={"modelspec.prediction_type": "flow"}))
+  # SD 1.x and SDXL files that say nothing are epsilon.
+  assert read(v, fam=single_file.FAMILIES["sd1"]) == "epsilon"
+  # convert: the --config folder's scheduler unless a flag is given.
+  plain = tmp_path / "plain"
+  single_file.file_to_folder(v, plain, config=folder)
+  assert json.loads((plain / "scheduler" / "scheduler_config.json").read_text()) == (
+      json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
+  flagged = tmp_path / "flagged"
+  assert cli.main(["convert", str(v), str(flagged), "--config", str(folder),
+                   "--prediction-type", "v_prediction"]) == 0
+  scheduler = json.loads((flagged / "scheduler" / "scheduler_config.json").read_text())
+  assert scheduler["prediction_type"] == "v_prediction"
+  assert scheduler["_class_name"] == "DDIMScheduler"
+
+
+def test_bfloat16_file_reads_edits_and_writes_bfloat16(tiny_models, tmp_path):
+  """A bf16 single file reads as the folder rounded to bf16, and its edited
+  copy keeps bf16: the edited tensors are the edit file's float32 kernels
+  rounded by torch to bfloat16, every other tensor byte-identical."""
+  torch = pytest.importorskip("torch")
+  import ml_dtypes
+  import safetensors.torch
+  folder, path = tiny_models["sd1"]
+  bf16 = _rewrite(path, tmp_path / "bf16.safetensors", lambda t: {
+      k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()})
+  model = models.load_model(bf16, config=folder)
+  ref = models.load_model(folder)
+  for got, want in ((model.unet_params, ref.unet_params), (model.text_params, ref.text_params)):
+    got, want = convert.flatten(got), convert.flatten(want)
+    for k in want:  # bf16 -> float32 is exact
+      rounded = torch.from_numpy(np.asarray(want[k])).to(torch.bfloat16).float().numpy()
+      assert np.array_equal(np.asarray(got[k]), rounded), k
+  _erase(bf16, tmp_path / "out", config=str(folder), full=True)
+  kernels, _ = io.read_edit_file(tmp_path / "out" / "edit.safetensors")
+  before, _ = _tensors(bf16)
+  after = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")
+  names = single_file.ldm_edit_names(model.unet_config, "sd1")
+  edited = {names[models.torch_name(p)]: k for p, k in kernels.items()}
+  assert len(edited) == 8
+  for name, array in before.items():
+    assert after[name].dtype == torch.bfloat16, name
+    if name in edited:
+      want = torch.from_numpy(np.ascontiguousarray(edited[name].T)).to(torch.bfloat16)
+      assert torch.equal(after[name], want), name
+    else:
+      assert after[name].view(torch.int16).numpy().tobytes() == array.tobytes(), name
+
+
+def test_old_clip_keys_without_text_model(tiny_models, tmp_path):
+  """SD 1.x files saved by old transformers name the CLIP tensors
+  `cond_stage_model.transformer.embeddings...` (no `text_model.`); they read
+  as the folder, and convert back to a folder with the current names."""
+  folder, path = tiny_models["sd1"]
+  old = "cond_stage_model.transformer."
+  flat = _rewrite(path, tmp_path / "flat.safetensors", lambda t: {
+      k.replace(old + "text_model.", old): v for k, v in t.items()})
+  assert not any(".text_model." in k for k in _tensors(flat)[0])
+  model = models.load_model(flat, config=folder)
+  ref = models.load_model(folder)
+  _flat_equal(model.text_params, ref.text_params)
+  _flat_equal(model.unet_params, ref.unet_params)
+  back = single_file.file_to_folder(flat, tmp_path / "back", config=folder)
+  got = safetensors.numpy.load_file(back / "text_encoder" / "model.safetensors")
+  want = safetensors.numpy.load_file(folder / "text_encoder" / "model.safetensors")
+  want.pop("text_model.embeddings.position_ids", None)
+  assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
