@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true")
 
   p = sub.add_parser("generate", help="before/after images with the Flax pipeline")
-  p.add_argument("--model")
+  p.add_argument("--model", help="diffusers folder, cached Hugging Face id or single "
+                 ".safetensors file (default: the built-in tiny model)")
   p.add_argument("--edit")
   p.add_argument("--prompts", required=True, help="';'-separated prompts")
   p.add_argument("--out", required=True, help="PNG grid to write")
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=_seed, default=0, help="PRNG seed, 0 to 2**32 - 1")
   p.add_argument("--guidance", type=float, default=7.5)
   p.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
+  _add_single_file(p)
+  _add_prediction_type(p)
   p.add_argument("--overwrite", action="store_true")
   _add_compile_cache(p)
 
@@ -422,7 +425,9 @@ def _generate(args) -> int:
   config = GenerateConfig(
       prompts=tuple(p.strip() for p in args.prompts.split(";") if p.strip()),
       out=args.out, model=args.model, edit=args.edit, steps=args.steps, seed=args.seed,
-      guidance=args.guidance, size=args.size, overwrite=args.overwrite)
+      guidance=args.guidance, size=args.size, config=args.config,
+      tokenizer=args.tokenizer, prediction_type=args.prediction_type,
+      overwrite=args.overwrite)
   from scapre_jax import cache, console, outputs
   outputs.check_output(config.out, config.overwrite,
                        [p for p in (config.model, config.edit) if p and os.path.exists(p)])
@@ -541,16 +546,10 @@ def _command(args, stop) -> int:
   console.quiet_library_logs()
   if args.command == "convert":
     from scapre_jax import single_file
-    if single_file.is_single_file(args.src):
-      print(single_file.file_to_folder(args.src, args.dst, config=args.config,
-                                       tokenizer=args.tokenizer,
-                                       prediction_type=args.prediction_type,
-                                       overwrite=args.overwrite))
-    else:
-      if args.config or args.tokenizer or args.prediction_type:
-        raise ValueError("--config, --tokenizer and --prediction-type apply when SRC is "
-                         "a single file")
-      print(single_file.folder_to_file(args.src, args.dst, overwrite=args.overwrite))
+    print(single_file.run(single_file.ConvertConfig(
+        src=args.src, dst=pathlib.Path(args.dst), config=args.config,
+        tokenizer=args.tokenizer, prediction_type=args.prediction_type,
+        overwrite=args.overwrite)))
     return 0
   raise AssertionError(args.command)
 

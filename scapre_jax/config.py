@@ -388,13 +388,17 @@ class GenerateConfig:
   Attributes:
     prompts: one grid row each.
     out: the PNG file to write.
-    model: diffusers folder or cached Hugging Face id; None = the built-in
-      tiny model (`tiny.ensure_tiny_model`).
+    model: diffusers folder, cached Hugging Face id or single-file
+      checkpoint; None = the built-in tiny model (`tiny.ensure_tiny_model`).
     edit: an edit file made for `model`: adds the "after" column.
     steps, seed, guidance: sampler steps, noise seed (prompt i's noise is
       `split(key(seed), n)[i]`), classifier-free guidance scale.
     size: image side in pixels; None = the model's.
     dtype: the dtype the model runs in.
+    config, tokenizer, prediction_type: a single-file `model`'s diffusers
+      config folder, CLIP vocabulary folder and what its UNet predicts
+      ("epsilon" or "v_prediction", `single_file.scheduler_config`); None =
+      found from the file.
     overwrite: replace an existing `out`.
   """
 
@@ -407,6 +411,9 @@ class GenerateConfig:
   guidance: float = 7.5
   size: int | None = None
   dtype: str = "float32"
+  config: str | None = None
+  tokenizer: str | None = None
+  prediction_type: str | None = None
   overwrite: bool = False
 
   def __post_init__(self):
@@ -423,3 +430,6 @@ class GenerateConfig:
       check_positive("--size", self.size)
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+    if self.prediction_type not in (None, "epsilon", "v_prediction"):
+      raise ValueError("--prediction-type must be epsilon or v_prediction, got "
+                       f"{self.prediction_type!r}")

@@ -54,15 +54,20 @@ COLUMNS = ("before", "after")
 def run(config: GenerateConfig) -> pathlib.Path:
   """Writes the labelled before/after grid of `config` as a PNG; returns its
   path. The output is checked before any sampling."""
-  model_path = (tiny.ensure_tiny_model() if config.model is None
-                else models.resolve(config.model))
+  if config.model is None:
+    model_path = tiny.ensure_tiny_model()
+  elif pathlib.Path(config.model).expanduser().is_file():
+    model_path = pathlib.Path(config.model).expanduser()
+  else:
+    model_path = models.resolve(config.model)
   protected = [model_path] + ([config.edit] if config.edit else [])
   # Checked now so a refusal comes before minutes of sampling, and again on
   # rename in case the file appeared meanwhile.
   outputs.check_output(config.out, config.overwrite, protected)
   grid = generate_grid(model_path, config.prompts, edit_file=config.edit,
                        steps=config.steps, seed=config.seed, guidance=config.guidance,
-                       size=config.size, dtype=config.dtype)
+                       size=config.size, dtype=config.dtype, config=config.config,
+                       tokenizer=config.tokenizer, prediction_type=config.prediction_type)
   columns = COLUMNS[:1 + (config.edit is not None)]
   size = grid.shape[0] // len(config.prompts)
   image, origin = label_grid(grid, config.prompts, columns)
@@ -78,9 +83,12 @@ def run(config: GenerateConfig) -> pathlib.Path:
 def generate_grid(model_path, prompts: Sequence[str], *, edit_file=None,
                   steps: int = 25, seed: int = 0, guidance: float = 7.5,
                   size: int | None = None, dtype: str = "float32",
-                  batch_size: int = 4) -> np.ndarray:
+                  batch_size: int = 4, config=None, tokenizer=None,
+                  prediction_type: str | None = None) -> np.ndarray:
   """Renders each prompt with the original UNet and, given `edit_file`, with
   the edited one (its kernels swapped in), from the same initial noise.
+  `config`, `tokenizer`, `prediction_type`: for a single-file model
+  (`GenerateConfig`).
 
   Returns the grid (len(prompts) * size, n_columns * size, 3) uint8, without
   labels: one row per prompt, columns before[, after] (`render` of each).
@@ -92,8 +100,9 @@ def generate_grid(model_path, prompts: Sequence[str], *, edit_file=None,
   check_positive("batch_size", batch_size)
   # The edit file first: a wrong or corrupt file fails before the model loads.
   edit = io.read_edit_file(edit_file) if edit_file is not None else None
-  model = models.load_model(model_path, dtype=dtype)
-  sampling = sampler(model, size=size)  # refuses a family with no Flax pipeline
+  model = models.load_model(model_path, dtype=dtype, config=config, tokenizer=tokenizer)
+  # Refuses a family with no Flax pipeline.
+  sampling = sampler(model, size=size, config=config, prediction_type=prediction_type)
   unet_variants = [model.unet_params]
   if edit is not None:
     kernels, meta = edit
@@ -121,16 +130,31 @@ class Sampler:
   size: int
 
 
-def sampler(model: models.LoadedModel, *, size: int | None = None) -> Sampler:
-  """The `Sampler` of a loaded diffusers-folder model, in its dtype; `size`
-  (pixels) defaults to `unet sample_size * vae scale factor`."""
+def sampler(model: models.LoadedModel, *, size: int | None = None, config=None,
+            prediction_type: str | None = None) -> Sampler:
+  """The `Sampler` of a loaded model, in its dtype; `size` (pixels)
+  defaults to `unet sample_size * vae scale factor`. A single-file model's
+  VAE and scheduler come from the file (`single_file.sampling_parts`, with
+  its `config` folder and `prediction_type`)."""
   if model.family not in PIPELINES:
     raise ValueError(f"generate renders SD 1.x, SD 2.x and SDXL; {model.path} is "
                      f"{models.FAMILIES[model.family]}, which has no Flax pipeline")
-  # The module is dropped: the cached pipeline holds an equal one.
-  _, vae_params, vae_config = load_vae(model.path, dtype=model.dtype)
-  scheduler_config = read_scheduler_config(model.path)
-  size = image_size(size, model.unet_config, vae_config)
+  unet_config = model.unet_config
+  if model.weights_format == "single-file":
+    from scapre_jax import single_file
+    parts = single_file.sampling_parts(model.path, config=config,
+                                       prediction_type=prediction_type, dtype=model.dtype)
+    vae_params, vae_config = parts.vae_params, parts.vae_config
+    scheduler_config = parts.scheduler
+    unet_config = {**unet_config, "sample_size": parts.sample_size}
+  else:
+    if prediction_type is not None:
+      raise ValueError("--prediction-type applies to a single-file --model; a folder "
+                       "has its scheduler config")
+    # The module is dropped: the cached pipeline holds an equal one.
+    _, vae_params, vae_config = load_vae(model.path, dtype=model.dtype)
+    scheduler_config = read_scheduler_config(model.path)
+  size = image_size(size, unet_config, vae_config)
   pipe = _pipeline(model.family, json.dumps(model.unet_config, sort_keys=True),
                    json.dumps(vae_config, sort_keys=True),
                    tuple(t.module.config.to_json_string() for t in model.text_encoders),

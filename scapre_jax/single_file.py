@@ -33,6 +33,7 @@ from convert import ldm
 from scapre_jax import models, outputs
 
 SUFFIXES = (".safetensors",)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _CHUNK = 16 << 20
 
@@ -420,6 +421,58 @@ def _tokenizer(found: pathlib.Path, pad_token: str):
 # -- writing --------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvertConfig:
+  """One `scapre-jax convert` run: a diffusers folder -> one single file,
+  or a single file -> a diffusers folder; the direction follows `src`.
+
+  Attributes:
+    src: a diffusers folder (or cached Hugging Face id), or a single
+      `.safetensors` file.
+    dst: the file (`.safetensors`) or folder to write.
+    config: single-file `src` only: a diffusers folder whose configs and
+      tokenizers to use (default: the family's built-in ones).
+    tokenizer: single-file `src` only: a folder with the CLIP vocabulary.
+    prediction_type: single-file `src` only: "epsilon" or "v_prediction"
+      for the scheduler config (default: `read_prediction_type`).
+    overwrite: replace an existing `dst`.
+  """
+
+  src: str
+  dst: pathlib.Path
+  config: str | None = None
+  tokenizer: str | None = None
+  prediction_type: str | None = None
+  overwrite: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "dst", pathlib.Path(self.dst))
+    if self.prediction_type not in (None,) + PREDICTION_TYPES:
+      raise ValueError(f"--prediction-type must be one of {PREDICTION_TYPES}, "
+                       f"got {self.prediction_type!r}")
+    if not self.from_file:
+      given = [f"--{n.replace('_', '-')}" for n in ("config", "tokenizer", "prediction_type")
+               if getattr(self, n) is not None]
+      if given:
+        raise ValueError(f"{', '.join(given)} apply when SRC is a single file; "
+                         f"{self.src} is a folder")
+      if self.dst.suffix != ".safetensors":
+        raise ValueError(f"output {self.dst} must end in .safetensors")
+
+  @property
+  def from_file(self) -> bool:
+    return is_single_file(self.src)
+
+
+def run(config: ConvertConfig) -> pathlib.Path:
+  """Writes `config.dst` from `config.src` (`ConvertConfig`); returns it."""
+  if config.from_file:
+    return file_to_folder(config.src, config.dst, config=config.config,
+                          tokenizer=config.tokenizer, prediction_type=config.prediction_type,
+                          overwrite=config.overwrite)
+  return folder_to_file(config.src, config.dst, overwrite=config.overwrite)
+
+
 def folder_family(root) -> Family:
   """The family whose single-file layout fits the diffusers folder `root`
   (`models.detect_family`: SD 1.x, SD 2.x or SDXL; the SDXL refiner has no
@@ -487,10 +540,7 @@ def file_to_folder(src, out, *, config=None, tokenizer=None, prediction_type=Non
                      family, config)
     scheduler = scheduler_config(f, path, family, configs["unet"], config=config,
                                  prediction_type=prediction_type)
-  if config is None and family.name == "sd2" and scheduler["prediction_type"] == "epsilon":
-    # The SD 2.x epsilon models are the 512 px base ones; 768-v is built in.
-    configs = {**configs, "unet": {**configs["unet"], "sample_size": 64},
-               "vae": {**configs["vae"], "sample_size": 512}}
+  configs = _sized(configs, family, scheduler, config)
   toks = {part: tokenizer_of(family, part, config, tokenizer) for part in family.text_parts}
   for part, state in states.items():
     io.check_finite(state)
@@ -522,7 +572,6 @@ def file_to_folder(src, out, *, config=None, tokenizer=None, prediction_type=Non
   return out
 
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 # ComfyUI's rule for SD 2.x files that say nothing (its SD20.model_type): the
 # 768-v models' last up block's first transformer norm1 bias has a standard
 # deviation above 0.09, the 512 epsilon models' below.
@@ -580,6 +629,46 @@ def scheduler_config(f, path, family: Family, unet_config, *, config=None,
     return from_folder
   chosen, _ = read_prediction_type(f, path, family, unet_config, flag=prediction_type)
   return {**(from_folder or family.scheduler), "prediction_type": chosen}
+
+
+def _sized(configs, family: Family, scheduler, config):
+  """The SD 2.x epsilon models are the 512 px base ones: the built-in
+  configs (SD 2.1 768-v) get their sample sizes."""
+  if config is None and family.name == "sd2" and scheduler["prediction_type"] == "epsilon":
+    return {**configs, "unet": {**configs["unet"], "sample_size": 64},
+            "vae": {**configs["vae"], "sample_size": 512}}
+  return configs
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SamplingParts:
+  """What sampling needs from a single file besides the UNet and text
+  encoders (`sampling_parts`): VAE params and config, scheduler config and
+  the UNet's sample size (latent pixels)."""
+
+  vae_params: dict[str, Any]
+  vae_config: dict[str, Any]
+  scheduler: dict[str, Any]
+  sample_size: int
+
+
+def sampling_parts(path, *, config=None, prediction_type=None,
+                   dtype: str = "float32") -> SamplingParts:
+  """The VAE (`first_stage_model.*` alone is read), scheduler config
+  (`scheduler_config`) and sample size of the single file `path`."""
+  path = check_file(path)
+  with _open(path) as f:
+    family = detect_family(path, f.keys())
+    configs = family_configs(family, config)
+    scheduler = scheduler_config(f, path, family, configs["unet"], config=config,
+                                 prediction_type=prediction_type)
+    configs = _sized(configs, family, scheduler, config)
+    state = _fitted(name_table(family, configs, ("vae",)).to_diffusers, _getter(f, path),
+                    path, family, config)["vae"]
+  params = models.PARTS["vae"].layout.to_flax(state, models.abstract_params("vae", configs["vae"]))
+  return SamplingParts(vae_params=models.cast(params, models.jax_dtype(dtype)),
+                       vae_config=configs["vae"], scheduler=scheduler,
+                       sample_size=int(configs["unet"]["sample_size"]))
 
 
 def _json(path: pathlib.Path, obj) -> None:

@@ -666,3 +666,63 @@ def test_old_clip_keys_without_text_model(tiny_models, tmp_path):
   want = safetensors.numpy.load_file(folder / "text_encoder" / "model.safetensors")
   want.pop("text_model.embeddings.position_ids", None)
   assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("variant", ("sd1", "sdxl"))
+def test_generate_from_file_equals_folder(tiny_models, tmp_path, variant):
+  """`generate --model FILE`: VAE and scheduler read from the file (with
+  the --config folder) render the folder's images, bit for bit (the same
+  program on the same params)."""
+  import warnings
+
+  from scapre_jax import generate
+  folder, path = tiny_models[variant]
+  prompts = ["a photo of a parachute", "golf ball"]
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # SDXL's Euler falls back to DDIM
+    want = generate.generate_grid(folder, prompts, steps=2, seed=0)
+    got = generate.generate_grid(path, prompts, steps=2, seed=0, config=folder)
+  assert got.shape == want.shape and np.array_equal(got, want)
+  if variant == "sd1":
+    out = tmp_path / "grid.png"
+    assert cli.main(["generate", "--model", str(path), "--config", str(folder), "--prompts",
+                     "a photo of a parachute", "--steps", "2", "--out", str(out)]) == 0
+    assert out.is_file()
+    with pytest.raises(ValueError, match="--prediction-type applies to a single-file"):
+      generate.generate_grid(folder, prompts, steps=2, prediction_type="epsilon")
+
+
+def test_convert_config_refuses_before_reading(tiny_models, tmp_path, capsys):
+  folder, path = tiny_models["sd1"]
+  with pytest.raises(ValueError, match="--config, --prediction-type apply when SRC is a "
+                                       "single file"):
+    single_file.ConvertConfig(str(folder), tmp_path / "x.safetensors", config=str(folder),
+                              prediction_type="epsilon")
+  with pytest.raises(ValueError, match="must end in .safetensors"):
+    single_file.ConvertConfig(str(folder), tmp_path / "x.ckpt")
+  with pytest.raises(ValueError, match="--prediction-type must be one of"):
+    single_file.ConvertConfig(str(path), tmp_path / "back", prediction_type="v")
+  assert cli.main(["convert", str(folder), str(tmp_path / "x.safetensors"),
+                   "--tokenizer", str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert "--tokenizer apply when SRC is a single file" in err
+  assert len(err.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+def test_edit_reads_only_the_text_encoders_and_attn2_kv(tiny_models, monkeypatch):
+  """weights="edit" (what erase loads): of an SDXL file, only the two text
+  encoders and the attn2 to_k/to_v weights are read."""
+  folder, path = tiny_models["sdxl"]
+  read, real = [], single_file._getter
+
+  def spy(f, p):
+    get = real(f, p)
+    return lambda name: read.append(name) or get(name)
+  monkeypatch.setattr(single_file, "_getter", spy)
+  model = models.load_model(path, config=folder, weights="edit")
+  unet = [n for n in read if n.startswith(ldm.UNET_PREFIX)]
+  assert len(unet) == len(models.cross_attention_kernels(model.unet_params)) == 22
+  assert all(n.endswith((".attn2.to_k.weight", ".attn2.to_v.weight")) for n in unet)
+  text = set(read) - set(unet)
+  assert all(n.startswith(("conditioner.embedders.0.transformer.",
+                           "conditioner.embedders.1.model.")) for n in text)
