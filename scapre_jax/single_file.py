@@ -482,8 +482,9 @@ def folder_family(root) -> Family:
   name = models.detect_family(root, models.read_config(root, "unet"),
                               {p: models.read_config(root, p) for p in parts})
   if name not in FAMILIES:
+    known = ", ".join(f.title for f in FAMILIES.values())
     raise ValueError(f"{root} is an {models.FAMILIES[name]} model; its single-file "
-                     f"layout is not supported yet, only {', '.join(f.title for f in FAMILIES.values())}")
+                     f"layout is not supported yet, only {known}")
   return FAMILIES[name]
 
 
