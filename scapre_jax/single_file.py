@@ -21,6 +21,7 @@ import re
 import shutil
 import struct
 import tempfile
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -421,6 +422,7 @@ def _tokenizer(found: pathlib.Path, pad_token: str):
 # -- writing --------------------------------------------------------------------
 
 
+@typing.no_type_check  # validated in __post_init__ (see config.EditConfig)
 @dataclasses.dataclass(frozen=True)
 class ConvertConfig:
   """One `scapre-jax convert` run: a diffusers folder -> one single file,
