@@ -630,7 +630,7 @@ def test_bfloat16_file_reads_edits_and_writes_bfloat16(tiny_models, tmp_path):
   for got, want in ((model.unet_params, ref.unet_params), (model.text_params, ref.text_params)):
     got, want = convert.flatten(got), convert.flatten(want)
     for k in want:  # bf16 -> float32 is exact
-      rounded = torch.from_numpy(np.asarray(want[k])).to(torch.bfloat16).float().numpy()
+      rounded = torch.from_numpy(np.array(want[k])).to(torch.bfloat16).float().numpy()
       assert np.array_equal(np.asarray(got[k]), rounded), k
   _erase(bf16, tmp_path / "out", config=str(folder), full=True)
   kernels, _ = io.read_edit_file(tmp_path / "out" / "edit.safetensors")
