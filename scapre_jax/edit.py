@@ -83,13 +83,13 @@ class UCEStatistics:
   Attributes:
     xx: S = sum_j X_j^T X_j.
     preserve: Q = gamma sum_k P_k^T P_k.
-    yx: sum_j Y_j^T X_j (technique "replace"; None for "tensor", whose
-      targets need W).
+    shift: sum_j (Y_j - X_j)^T X_j, the differences taken before the
+      product (technique "replace"; None for "tensor", whose targets need W).
   """
 
   xx: Array
   preserve: Array
-  yx: Array | None
+  shift: Array | None
 
 
 @typing.no_type_check
@@ -122,8 +122,8 @@ def _shared_sums(inputs: ConceptInputs, config: EditConfig) -> dict[str, Array |
       preserve=preserve_scale(config, inputs).astype(inputs.old_seqs.dtype)
       * targets.cross_covariance(inputs.preserve_seqs, inputs.preserve_seqs,
                                  inputs.preserve_mask),
-      yx=(targets.cross_covariance(inputs.new_seqs, inputs.old_seqs, mask)
-          if config.technique == "replace" else None))
+      shift=(targets.cross_covariance(inputs.new_seqs - inputs.old_seqs, inputs.old_seqs, mask)
+             if config.technique == "replace" else None))
 
 
 def _cct(inputs: ConceptInputs) -> Array:
@@ -183,21 +183,23 @@ def row_weights(weight, inputs: ConceptInputs, noise: probes.ProbeNoise,
       temperature=config.mi_temperature, power=config.p, mode=config.mi_mode)
 
 
-def value_sum(weight, inputs: ConceptInputs, stats: UCEStatistics | None, row_weights,
-               config: EditConfig) -> Array:
-  """V = eta sum_j diag(r_j) A_j; r_j = 1 when `row_weights` is None. Only
-  that case (technique "replace") reads `stats`; otherwise it may be None."""
+def correction_sum(weight, inputs: ConceptInputs, stats: UCEStatistics | None, row_weights,
+                   config: EditConfig) -> Array:
+  """V - eta W S = eta sum_j (diag(r_j) V_j^T - W X_j^T) X_j, formed without
+  the cancellation of the two terms (docs/algorithm.md "The correction
+  form"); r_j = 1 when `row_weights` is None. Only that case (technique
+  "replace") reads `stats`; otherwise it may be None."""
   eta = config.erase_scale
   if config.technique == "replace" and row_weights is None:
-    # A_j = W Y_j^T X_j, so with r_j = 1 the sum needs only sum_j Y_j^T X_j.
-    return eta * (targets.matmul(weight, stats.yx))
+    # V_j = Y_j W^T, so with r_j = 1 the sum is W sum_j (Y_j - X_j)^T X_j.
+    return eta * targets.matmul(weight, stats.shift)
   mask = inputs.seq_mask & inputs.concept_mask[:, None]
   values = targets.target_values(weight, inputs.old_seqs, inputs.new_seqs, mask,
                                  technique=config.technique)
   if row_weights is None:
     row_weights = jnp.broadcast_to(inputs.concept_mask[:, None],
                                    values.shape[::2]).astype(weight.dtype)
-  return eta * targets.weighted_value_sum(row_weights, values, inputs.old_seqs)
+  return eta * targets.weighted_shift_sum(weight, row_weights, values, inputs.old_seqs, mask)
 
 
 def row_entropy(weight, inputs: ConceptInputs, noise: probes.ProbeNoise,
@@ -215,10 +217,9 @@ def edit_uce(weight: Float[Array, "d_out d_in"], inputs: ConceptInputs,
   No probes (the MI mask setting is ignored); `key` is unused."""
   del key
   eye = jnp.eye(weight.shape[1], dtype=weight.dtype)
-  values = value_sum(weight, inputs, stats, None, config)
-  return solvers.solve_spd_right(
-      config.lamb * weight + values + targets.matmul(weight, stats.preserve),
-      config.lamb * eye + config.erase_scale * stats.xx + stats.preserve)
+  correction = correction_sum(weight, inputs, stats, None, config)
+  return weight + solvers.solve_spd_right(
+      correction, config.lamb * eye + config.erase_scale * stats.xx + stats.preserve)
 
 
 def edit_small(weight: Float[Array, "d_out d_in"], inputs: ConceptInputs,
@@ -229,13 +230,15 @@ def edit_small(weight: Float[Array, "d_out d_in"], inputs: ConceptInputs,
   eye = jnp.eye(weight.shape[1], dtype=weight.dtype)
   noise = probe_noise(key, inputs, config, weight.dtype)
   weights = row_weights(weight, inputs, noise, config)
-  values = value_sum(weight, inputs, stats, weights, config)
-  lhs = config.lamb * weight + values + targets.matmul(weight, stats.preserve)
+  # B - W G of the system W' G = B, solved for W' - W ("The correction form").
+  cross = stats.cct
   if config.spectral_residual:
     eta_res = eta if config.residual_scale is None else config.residual_scale
-    lhs = lhs - eta_res * (targets.matmul(weight, stats.residual))
-  solved = solvers.solve_spd_right(
-      lhs, config.lamb * eye + stats.cct + eta * stats.xx + stats.preserve)
+    cross = cross + eta_res * stats.residual
+  correction = (correction_sum(weight, inputs, stats, weights, config)
+                - targets.matmul(weight, cross))
+  solved = weight + solvers.solve_spd_right(
+      correction, config.lamb * eye + stats.cct + eta * stats.xx + stats.preserve)
   keep = (config.alpha_min + (1 - config.alpha_min) * row_entropy(weight, inputs, noise, config)
           )[:, None]
   return keep * solved + (1 - keep) * weight
@@ -248,17 +251,16 @@ def edit_scapre(weight: Float[Array, "d_out d_in"], inputs: ConceptInputs,
   eta = config.erase_scale
   noise = probe_noise(key, inputs, config, weight.dtype)
   weights = row_weights(weight, inputs, noise, config)
-  values = value_sum(weight, inputs, stats, weights, config)
   spread = jnp.clip(1 - row_entropy(weight, inputs, noise, config), 0, 1)  # h
   mu = jnp.mean(spread)
   lam_prox = config.lamb + mu
   gram = scapre_gram(stats, config, mu)
-  rhs = lam_prox * weight + values + targets.matmul(weight, stats.preserve)
   if weights is not None:
     alpha = eta * jnp.max(weights, axis=0)
   else:
     alpha = jnp.full(weight.shape[:1], eta, weight.dtype)
-  solved = solve_scapre_system(gram, stats.projector_basis, rhs, alpha)
+  correction = scapre_correction(weight, inputs, stats, weights, alpha, mu, config)
+  solved = weight + solve_scapre_system(gram, stats.projector_basis, correction, alpha)
   edited = solvers.bures_prox(weight, solved, mu=mu, lam_prox=lam_prox,
                               iters=config.bures_iters)
   if config.egbr:
@@ -315,6 +317,17 @@ def scapre_gram(stats: ScaPreStatistics, config: EditConfig, mu) -> Array:
   if config.ased:
     gram = gram + mu * stats.ased
   return gram
+
+
+def scapre_correction(weight, inputs: ConceptInputs, stats: ScaPreStatistics, row_weights,
+                      alpha, mu, config: EditConfig) -> Array:
+  """B - W G - diag(alpha) W Pi of large-scale step 6, the right-hand side
+  whose solution is W_e - W (docs/algorithm.md "The correction form")."""
+  cross = stats.cct + mu * stats.ased if config.ased else stats.cct
+  basis = stats.projector_basis
+  return (correction_sum(weight, inputs, stats, row_weights, config)
+          - targets.matmul(weight, cross)
+          - alpha[:, None] * targets.matmul(targets.matmul(weight, basis), basis.T))
 
 
 def solve_scapre_system(gram, basis, rhs, alpha):

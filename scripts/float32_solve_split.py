@@ -7,13 +7,17 @@ float64, end to end"). On the first cross-attention matrix of the built-in
 no preserve prompts, so alpha = eta on every row), the step-6 system
 w (G + alpha Pi) = b is built in float64 and then:
 
-  solve      the float64 system rounded to float32, solved in float32 by the
-             engine (Cholesky + Woodbury) and by per-row LAPACK Cholesky
-             (the released code's solve, `reference.scapre_row_solve`);
-  formation  G and b built in float32 from the float64 text (ours: the engine's
-             statistics; released: its per-concept loops), solved exactly;
-  variants   the engine's float32 solve with b built in the released order
+  solve      the float64 system rounded to float32, solved in float32 for W'
+             by the engine's solver (Cholesky + Woodbury) and by per-row LAPACK
+             Cholesky (the released code's solve, `reference.scapre_row_solve`);
+  formation  G and b built in float32 from the float64 text (ours: b formed as
+             eta W (sum Y^T X), as the engine did before the correction form;
+             released: its per-concept loops), solved exactly;
+  variants   the same float32 solve for W' with b built in the released order
              sum_j (W Y_j^T) X_j, and with one float32 refinement step;
+  correction the engine today: W' = W + D, D solved in float32 from
+             B - W G - alpha W Pi formed term by term (`edit.scapre_correction`,
+             docs/algorithm.md "The correction form");
   factor     the solve in the form W + (W E^T)(cI + Z Z^T)^(-1) Z, where
              G + alpha Pi = cI + Z^T Z and Z stacks the weighted rows. It is not in
              the engine; it needs no more rows than d_in.
@@ -64,7 +68,9 @@ def main(argv=None) -> None:
     noise = precision.cast(edit.probe_noise(key, inputs, config, jnp.float32),
                            "float64" if dtype == jnp.float64 else "float32")
     mu = jnp.mean(jnp.clip(1 - edit.row_entropy(weight, inputs, noise, config), 0, 1))
-    b = (config.lamb + mu) * weight + edit.value_sum(weight, inputs, stats, None, config)
+    mask = inputs.seq_mask & inputs.concept_mask[:, None]
+    yx = targets.cross_covariance(inputs.new_seqs, inputs.old_seqs, mask)
+    b = (config.lamb + mu) * weight + config.erase_scale * targets.matmul(weight, yx)
     alpha = jnp.full(weight.shape[:1], config.erase_scale, dtype)
     return edit.scapre_gram(stats, config, mu), stats.projector_basis, b, alpha, mu
 
@@ -113,8 +119,8 @@ def main(argv=None) -> None:
                                  technique=config.technique)
   ones = jnp.broadcast_to(inputs32.concept_mask[:, None],
                           (values.shape[0], values.shape[2])).astype(jnp.float32)
-  b_rows = (config.lamb + mu32) * w32 + config.erase_scale * targets.weighted_value_sum(
-      ones, values, inputs32.old_seqs)
+  b_rows = (config.lamb + mu32) * w32 + config.erase_scale * targets.einsum(
+      "mo,mlo,mli->oi", ones, values, inputs32.old_seqs)
 
   def apply(w):
     return targets.matmul(w, g32) + a32[:, None] * targets.matmul(targets.matmul(w, u32), u32.T)
@@ -124,6 +130,11 @@ def main(argv=None) -> None:
     refined = plain + edit.solve_scapre_system(g32, u32, rhs - apply(plain), a32)
     print(f"variants   {label}: plain {rel(plain, exact):.2e}  one refinement step "
           f"{rel(refined, exact):.2e}")
+
+  correction = edit.scapre_correction(w32, inputs32, edit.concept_statistics(
+      inputs32, config, jnp.float32), None, a32, mu32, config)
+  print(f"correction the engine's form, W + (D solved from B - W G - alpha W Pi): "
+        f"{rel(w32 + edit.solve_scapre_system(g32, u32, correction, a32), exact):.2e}")
 
   keep = np.asarray(inputs64.seq_mask & inputs64.concept_mask[:, None]).reshape(-1)
   old_rows = np.asarray(inputs64.old_seqs).reshape(-1, d_in)[keep]

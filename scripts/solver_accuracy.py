@@ -97,7 +97,7 @@ def measure(model, kernels, n: int, mu: float, seed: int) -> dict:
   eta, lamb = config.erase_scale, config.lamb
   shared = edit.scapre_gram(stats, config, 0.0)  # A: the part without mu
   gram = edit.scapre_gram(stats, config, mu)
-  rhs = (lamb + mu) * weight + eta * matmul(weight, stats.yx)
+  rhs = (lamb + mu) * weight + eta * matmul(weight, stats.shift + stats.xx)
   rng = np.random.default_rng(seed)
   levels = np.linspace(eta / 8, eta, 8, dtype=np.float32)
   alpha = jnp.asarray(levels[rng.integers(0, 8, weight.shape[0])])

@@ -146,7 +146,7 @@ def test_thousand_concepts_past_context_width():
   eta = config.erase_scale
   values = sj.target_values(w, inputs.old_seqs, inputs.new_seqs, inputs.seq_mask,
                             technique="replace")
-  rhs = np.asarray((config.lamb + mu) * w + eta * sj.weighted_value_sum(r, values, inputs.old_seqs))
+  rhs = np.asarray((config.lamb + mu) * w) + eta * np.einsum("mo,mlo,mli->oi", r, values, inputs.old_seqs)
   gram = np.asarray(edit_module.scapre_gram(stats, config, mu))
   alpha = eta * np.asarray(r).max(axis=0)
   solved = np.stack([np.linalg.solve((gram + a * np.eye(768)).T, b) for a, b in zip(alpha, rhs)])
@@ -164,7 +164,7 @@ def test_statistics_are_built_for_their_method():
   assert type(nsfw) is sj.ScaPreStatistics and nsfw.ased is None
   assert nsfw.projector_basis.shape == (16, 3)
   tensor = sj.concept_statistics(inputs, sj.EditConfig.preset("scapre-small", technique="tensor"))
-  assert type(tensor) is sj.SmallStatistics and tensor.yx is None and tensor.residual is None
+  assert type(tensor) is sj.SmallStatistics and tensor.shift is None and tensor.residual is None
   # A wrong combination is a clear error before tracing, not a missing key.
   with pytest.raises(ValueError, match="needs ScaPreStatistics"):
     sj.edit_weight(jnp.ones((4, 16)), inputs, uce, jax.random.key(0),

@@ -49,13 +49,18 @@ def target_values(
   return values - inner * unit
 
 
-def weighted_value_sum(
+def weighted_shift_sum(
+    weight: Float[Array, "d_out d_in"],
     row_weights: Float[Array, "m d_out"],
     values: Float[Array, "m L d_out"],
     old_seqs: Float[Array, "m L d_in"],
+    seq_mask: Bool[Array, "m L"],
 ) -> Float[Array, "d_out d_in"]:
-  """sum_j diag(r_j) A_j with A_j = V_j^T X_j, as one contraction."""
-  return einsum("mo,mlo,mli->oi", row_weights, values, old_seqs)
+  """sum_j (diag(r_j) V_j^T - W X_j^T) X_j, as one contraction: the weighted
+  value sum less W sum_j X_j^T X_j, each row's difference taken before the
+  product over rows."""
+  old = jnp.where(seq_mask[..., None], einsum("oi,mli->mlo", weight, old_seqs), 0)
+  return einsum("mlo,mli->oi", row_weights[:, None, :] * values - old, old_seqs)
 
 
 def cross_covariance(
