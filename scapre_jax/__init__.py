@@ -28,7 +28,7 @@ __all__ = [
     # Kernels (docs/algorithm.md).
     "ProbeNoise", "draw_probe_noise", "mi_soft_mask", "entropy_factor",
     "ConceptBasis", "concept_basis", "spectral_gate", "ased_direction", "projector_basis",
-    "residual_projector", "cross_covariance", "target_values", "weighted_shift_sum",
+    "residual_projector", "cross_covariance", "target_values", "weighted_value_sum", "shift_sum",
     "solve_row_sylvester_woodbury", "solve_spd_right", "bures_prox", "egbr",
     # Reference forms (not run by the engine).
     "solve_row_sylvester", "concept_projector",
@@ -54,7 +54,7 @@ _EXPORTS = {
     "scapre_jax._src.spectral": (
         "ConceptBasis", "concept_basis", "spectral_gate", "ased_direction",
         "projector_basis", "residual_projector", "concept_projector"),
-    "scapre_jax._src.targets": ("cross_covariance", "target_values", "weighted_shift_sum"),
+    "scapre_jax._src.targets": ("cross_covariance", "target_values", "weighted_value_sum", "shift_sum"),
     "scapre_jax._src.solvers": (
         "solve_row_sylvester_woodbury", "solve_spd_right", "bures_prox", "egbr",
         "solve_row_sylvester"),
@@ -88,7 +88,7 @@ if typing.TYPE_CHECKING:  # what the names are, for type checkers and IDEs
       ConceptBasis, ased_direction, concept_basis, concept_projector, projector_basis,
       residual_projector, spectral_gate)
   from scapre_jax._src.targets import (  # noqa: F401
-      cross_covariance, target_values, weighted_shift_sum)
+      cross_covariance, target_values, weighted_value_sum, shift_sum)
   from scapre_jax.config import PRESETS, EditConfig  # noqa: F401
   from scapre_jax.edit import (  # noqa: F401
       ScaPreStatistics, SmallStatistics, UCEStatistics, concept_statistics,

@@ -183,23 +183,27 @@ def row_weights(weight, inputs: ConceptInputs, noise: probes.ProbeNoise,
       temperature=config.mi_temperature, power=config.p, mode=config.mi_mode)
 
 
-def correction_sum(weight, inputs: ConceptInputs, stats: UCEStatistics | None, row_weights,
+def correction_sum(weight, inputs: ConceptInputs, stats: UCEStatistics,
                    config: EditConfig) -> Array:
-  """V - eta W S = eta sum_j (diag(r_j) V_j^T - W X_j^T) X_j, formed without
-  the cancellation of the two terms (docs/algorithm.md "The correction
-  form"); r_j = 1 when `row_weights` is None. Only that case (technique
-  "replace") reads `stats`; otherwise it may be None."""
+  """V - eta W S without the MI mask: eta sum_j (V_j^T - W X_j^T) X_j, formed
+  without the cancellation of the two terms (docs/algorithm.md "The
+  correction form")."""
   eta = config.erase_scale
-  if config.technique == "replace" and row_weights is None:
-    # V_j = Y_j W^T, so with r_j = 1 the sum is W sum_j (Y_j - X_j)^T X_j.
+  if config.technique == "replace":
+    # V_j = Y_j W^T, so the sum is W sum_j (Y_j - X_j)^T X_j.
     return eta * targets.matmul(weight, stats.shift)
   mask = inputs.seq_mask & inputs.concept_mask[:, None]
   values = targets.target_values(weight, inputs.old_seqs, inputs.new_seqs, mask,
                                  technique=config.technique)
-  if row_weights is None:
-    row_weights = jnp.broadcast_to(inputs.concept_mask[:, None],
-                                   values.shape[::2]).astype(weight.dtype)
-  return eta * targets.weighted_shift_sum(weight, row_weights, values, inputs.old_seqs, mask)
+  return eta * targets.shift_sum(weight, values, inputs.old_seqs, mask)
+
+
+def value_sum(weight, inputs: ConceptInputs, row_weights, config: EditConfig) -> Array:
+  """V = eta sum_j diag(r_j) A_j with the MI mask's row weights r_j."""
+  mask = inputs.seq_mask & inputs.concept_mask[:, None]
+  values = targets.target_values(weight, inputs.old_seqs, inputs.new_seqs, mask,
+                                 technique=config.technique)
+  return config.erase_scale * targets.weighted_value_sum(row_weights, values, inputs.old_seqs)
 
 
 def row_entropy(weight, inputs: ConceptInputs, noise: probes.ProbeNoise,
@@ -217,7 +221,7 @@ def edit_uce(weight: Float[Array, "d_out d_in"], inputs: ConceptInputs,
   No probes (the MI mask setting is ignored); `key` is unused."""
   del key
   eye = jnp.eye(weight.shape[1], dtype=weight.dtype)
-  correction = correction_sum(weight, inputs, stats, None, config)
+  correction = correction_sum(weight, inputs, stats, config)
   return weight + solvers.solve_spd_right(
       correction, config.lamb * eye + config.erase_scale * stats.xx + stats.preserve)
 
@@ -230,15 +234,19 @@ def edit_small(weight: Float[Array, "d_out d_in"], inputs: ConceptInputs,
   eye = jnp.eye(weight.shape[1], dtype=weight.dtype)
   noise = probe_noise(key, inputs, config, weight.dtype)
   weights = row_weights(weight, inputs, noise, config)
-  # B - W G of the system W' G = B, solved for W' - W ("The correction form").
-  cross = stats.cct
-  if config.spectral_residual:
-    eta_res = eta if config.residual_scale is None else config.residual_scale
-    cross = cross + eta_res * stats.residual
-  correction = (correction_sum(weight, inputs, stats, weights, config)
-                - targets.matmul(weight, cross))
-  solved = weight + solvers.solve_spd_right(
-      correction, config.lamb * eye + stats.cct + eta * stats.xx + stats.preserve)
+  # W' G = B = lambda W + V + W Q - eta_res W C_res C_res^T.
+  gram = config.lamb * eye + stats.cct + eta * stats.xx + stats.preserve
+  eta_res = eta if config.residual_scale is None else config.residual_scale
+  if weights is None:  # solved for W' - W ("The correction form")
+    cross = stats.cct + eta_res * stats.residual if config.spectral_residual else stats.cct
+    correction = correction_sum(weight, inputs, stats, config) - targets.matmul(weight, cross)
+    solved = weight + solvers.solve_spd_right(correction, gram)
+  else:
+    rhs = (config.lamb * weight + value_sum(weight, inputs, weights, config)
+           + targets.matmul(weight, stats.preserve))
+    if config.spectral_residual:
+      rhs = rhs - eta_res * (targets.matmul(weight, stats.residual))
+    solved = solvers.solve_spd_right(rhs, gram)
   keep = (config.alpha_min + (1 - config.alpha_min) * row_entropy(weight, inputs, noise, config)
           )[:, None]
   return keep * solved + (1 - keep) * weight
@@ -255,12 +263,15 @@ def edit_scapre(weight: Float[Array, "d_out d_in"], inputs: ConceptInputs,
   mu = jnp.mean(spread)
   lam_prox = config.lamb + mu
   gram = scapre_gram(stats, config, mu)
-  if weights is not None:
-    alpha = eta * jnp.max(weights, axis=0)
-  else:
+  if weights is None:  # solved for W_e - W ("The correction form")
     alpha = jnp.full(weight.shape[:1], eta, weight.dtype)
-  correction = scapre_correction(weight, inputs, stats, weights, alpha, mu, config)
-  solved = weight + solve_scapre_system(gram, stats.projector_basis, correction, alpha)
+    correction = scapre_correction(weight, inputs, stats, alpha, mu, config)
+    solved = weight + solve_scapre_system(gram, stats.projector_basis, correction, alpha)
+  else:
+    alpha = eta * jnp.max(weights, axis=0)
+    rhs = (lam_prox * weight + value_sum(weight, inputs, weights, config)
+           + targets.matmul(weight, stats.preserve))
+    solved = solve_scapre_system(gram, stats.projector_basis, rhs, alpha)
   edited = solvers.bures_prox(weight, solved, mu=mu, lam_prox=lam_prox,
                               iters=config.bures_iters)
   if config.egbr:
@@ -319,13 +330,14 @@ def scapre_gram(stats: ScaPreStatistics, config: EditConfig, mu) -> Array:
   return gram
 
 
-def scapre_correction(weight, inputs: ConceptInputs, stats: ScaPreStatistics, row_weights,
+def scapre_correction(weight, inputs: ConceptInputs, stats: ScaPreStatistics,
                       alpha, mu, config: EditConfig) -> Array:
-  """B - W G - diag(alpha) W Pi of large-scale step 6, the right-hand side
-  whose solution is W_e - W (docs/algorithm.md "The correction form")."""
+  """B - W G - diag(alpha) W Pi of large-scale step 6 without the MI mask,
+  the right-hand side whose solution is W_e - W (docs/algorithm.md "The
+  correction form")."""
   cross = stats.cct + mu * stats.ased if config.ased else stats.cct
   basis = stats.projector_basis
-  return (correction_sum(weight, inputs, stats, row_weights, config)
+  return (correction_sum(weight, inputs, stats, config)
           - targets.matmul(weight, cross)
           - alpha[:, None] * targets.matmul(targets.matmul(weight, basis), basis.T))
 

@@ -390,7 +390,7 @@ def over_matrices(fn, xs, matrix_batch):
 
 
 # The pieces below are the engine's own per-matrix functions (`edit.probe_noise`,
-# `edit.row_weights`, `edit.row_entropy`, `edit.correction_sum`), each compiled
+# `edit.row_weights`, `edit.row_entropy`, `edit.value_sum`), each compiled
 # alone, so the profile times what `edit_scapre` runs.
 
 
@@ -413,8 +413,7 @@ def _entropy(stack, noise, inputs, config, matrix_batch):
 
 @functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
 def _values(stack, row_weights, inputs, config, matrix_batch):
-  # With row weights given, `correction_sum` needs no statistics.
-  return over_matrices(lambda k, r: edit.correction_sum(k.T, inputs, None, r, config),
+  return over_matrices(lambda k, r: edit.value_sum(k.T, inputs, r, config),
                        (stack, row_weights), matrix_batch)
 
 

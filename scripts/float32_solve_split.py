@@ -132,7 +132,7 @@ def main(argv=None) -> None:
           f"{rel(refined, exact):.2e}")
 
   correction = edit.scapre_correction(w32, inputs32, edit.concept_statistics(
-      inputs32, config, jnp.float32), None, a32, mu32, config)
+      inputs32, config, jnp.float32), a32, mu32, config)
   print(f"correction the engine's form, W + (D solved from B - W G - alpha W Pi): "
         f"{rel(w32 + edit.solve_scapre_system(g32, u32, correction, a32), exact):.2e}")
 

@@ -49,18 +49,25 @@ def target_values(
   return values - inner * unit
 
 
-def weighted_shift_sum(
-    weight: Float[Array, "d_out d_in"],
+def weighted_value_sum(
     row_weights: Float[Array, "m d_out"],
+    values: Float[Array, "m L d_out"],
+    old_seqs: Float[Array, "m L d_in"],
+) -> Float[Array, "d_out d_in"]:
+  """sum_j diag(r_j) A_j with A_j = V_j^T X_j, as one contraction."""
+  return einsum("mo,mlo,mli->oi", row_weights, values, old_seqs)
+
+
+def shift_sum(
+    weight: Float[Array, "d_out d_in"],
     values: Float[Array, "m L d_out"],
     old_seqs: Float[Array, "m L d_in"],
     seq_mask: Bool[Array, "m L"],
 ) -> Float[Array, "d_out d_in"]:
-  """sum_j (diag(r_j) V_j^T - W X_j^T) X_j, as one contraction: the weighted
-  value sum less W sum_j X_j^T X_j, each row's difference taken before the
-  product over rows."""
+  """sum_j (V_j^T - W X_j^T) X_j as one contraction: sum_j A_j less
+  W sum_j X_j^T X_j, each row's difference taken before the product."""
   old = jnp.where(seq_mask[..., None], einsum("oi,mli->mlo", weight, old_seqs), 0)
-  return einsum("mlo,mli->oi", row_weights[:, None, :] * values - old, old_seqs)
+  return einsum("mlo,mli->oi", values - old, old_seqs)
 
 
 def cross_covariance(
