@@ -192,18 +192,21 @@ def correction_sum(weight, inputs: ConceptInputs, stats: UCEStatistics,
   if config.technique == "replace":
     # V_j = Y_j W^T, so the sum is W sum_j (Y_j - X_j)^T X_j.
     return eta * targets.matmul(weight, stats.shift)
-  mask = inputs.seq_mask & inputs.concept_mask[:, None]
-  values = targets.target_values(weight, inputs.old_seqs, inputs.new_seqs, mask,
-                                 technique=config.technique)
+  mask, values = _target_values(weight, inputs, config)
   return eta * targets.shift_sum(weight, values, inputs.old_seqs, mask)
 
 
 def value_sum(weight, inputs: ConceptInputs, row_weights, config: EditConfig) -> Array:
   """V = eta sum_j diag(r_j) A_j with the MI mask's row weights r_j."""
-  mask = inputs.seq_mask & inputs.concept_mask[:, None]
-  values = targets.target_values(weight, inputs.old_seqs, inputs.new_seqs, mask,
-                                 technique=config.technique)
+  _, values = _target_values(weight, inputs, config)
   return config.erase_scale * targets.weighted_value_sum(row_weights, values, inputs.old_seqs)
+
+
+def _target_values(weight, inputs: ConceptInputs, config: EditConfig):
+  """(row mask, V_j of every real concept), padding concepts masked out."""
+  mask = inputs.seq_mask & inputs.concept_mask[:, None]
+  return mask, targets.target_values(weight, inputs.old_seqs, inputs.new_seqs, mask,
+                                     technique=config.technique)
 
 
 def row_entropy(weight, inputs: ConceptInputs, noise: probes.ProbeNoise,
