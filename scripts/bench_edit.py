@@ -412,6 +412,13 @@ def _entropy(stack, noise, inputs, config, matrix_batch):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
+def _corrections(stack, inputs, stats, config, matrix_batch):
+  # Without the MI mask the engine forms V - eta W S instead (`correction_sum`).
+  return over_matrices(lambda k: edit.correction_sum(k.T, inputs, stats, config),
+                       (stack,), matrix_batch)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
 def _values(stack, row_weights, inputs, config, matrix_batch):
   return over_matrices(lambda k, r: edit.value_sum(k.T, inputs, r, config),
                        (stack, row_weights), matrix_batch)
@@ -501,18 +508,16 @@ def profile_ours(groups, inputs, stats, config, matrix_batch, *, over_sets=False
   one_set = jax.tree.map(lambda x: x[0], inputs) if over_sets else inputs
   for kernels, keys in groups:
     stack = jnp.stack(kernels)
-    count, d_in, d_out = stack.shape
     noise = add("probe_noise", _probe_noise, keys, one_set, config=config)
-    if config.mi_mask:
-      weights = add("mi_mask", _mi_masks, stack, noise, inputs, config=config,
-                    set_axes=(None, None, 0))
-    else:
-      weights = jnp.ones((count, one_set.num_concepts, d_out), dtype)
-      if over_sets:
-        weights = jnp.broadcast_to(weights, (inputs.concept_vecs.shape[0],) + weights.shape)
+    weights = (add("mi_mask", _mi_masks, stack, noise, inputs, config=config,
+                   set_axes=(None, None, 0)) if config.mi_mask else None)
     add("entropy", _entropy, stack, noise, inputs, config=config, set_axes=(None, None, 0))
-    add("target_values", _values, stack, weights, inputs, config=config,
-        set_axes=(None, 0, 0))
+    if weights is None:
+      add("target_values", _corrections, stack, inputs, stats, config=config,
+          set_axes=(None, 0, 0))
+    else:
+      add("target_values", _values, stack, weights, inputs, config=config,
+          set_axes=(None, 0, 0))
     grams, rhs, alpha = (jax.vmap(problem, in_axes=(None, 0))(stack, stats) if over_sets
                          else problem(stack, stats))
     solved = add("linear_solve", _linear_solve, grams, stats, rhs, alpha, set_axes=0)
