@@ -76,6 +76,29 @@ def _cast(inputs: ConceptInputs, dtype) -> ConceptInputs:
 @typing.no_type_check
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class FactorBasis:
+  """The text rows Z_0 of G = c I + Z_0^T Z_0 (+ the ASED rows), compressed
+  once per width by Z_0 = Q R (docs/algorithm.md "The factor form").
+
+  Attributes:
+    rows: R, (k', d_in) with k' = min(k, d_in).
+    tokens: the token rows' block of Q, (m, L, k').
+    weight_coeffs: (d_in, k'): H_0 Q = (value part) + W @ weight_coeffs,
+      -(Z_X^T Q_X + C^T Q_C).
+    shift_coeffs: (d_in, k'), technique "replace" only: without the MI mask
+      H_0 Q = W @ shift_coeffs, sqrt(eta) (Y - X)^T Q_X - C^T Q_C, each token's
+      difference taken in the text.
+  """
+
+  rows: Array
+  tokens: Array
+  weight_coeffs: Array
+  shift_coeffs: Array | None
+
+
+@typing.no_type_check
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class UCEStatistics:
   """Text-side sums of the UCE solve, shared by every matrix of one width
   (docs/algorithm.md "Per-matrix terms", "UCE baseline"); each (d_in, d_in).
@@ -90,6 +113,7 @@ class UCEStatistics:
   xx: Array
   preserve: Array
   shift: Array | None
+  factor: FactorBasis | None
 
 
 @typing.no_type_check
@@ -108,11 +132,14 @@ class SmallStatistics(UCEStatistics):
 @dataclasses.dataclass(frozen=True)
 class ScaPreStatistics(UCEStatistics):
   """The UCE sums plus C^T C, the projector basis U_r (Pi = U_r U_r^T) and,
-  with ASED on, U diag(1 - gate) U^T (docs/algorithm.md "Large-scale solver")."""
+  with ASED on, U diag(1 - gate) U^T and its factor rows
+  diag(sqrt(1 - gate)) U^T (docs/algorithm.md "Large-scale solver", "The
+  factor form")."""
 
   cct: Array
   projector_basis: Array
   ased: Array | None
+  ased_rows: Array | None
 
 
 def _shared_sums(inputs: ConceptInputs, config: EditConfig) -> dict[str, Array | None]:
@@ -138,8 +165,47 @@ def _basis_and_gate(inputs: ConceptInputs, config: EditConfig):
   return basis, gate
 
 
+def factor_basis(inputs: ConceptInputs, config: EditConfig) -> FactorBasis:
+  """Z_0 = [sqrt(eta) X; sqrt(gamma) P; C] (C for the ScaPre solvers only),
+  masked rows zero, and its QR factorisation (docs/algorithm.md "The factor
+  form")."""
+  d_in = inputs.d_in
+  dtype = inputs.old_seqs.dtype
+  mask = (inputs.seq_mask & inputs.concept_mask[:, None])[..., None]
+  m, length = inputs.old_seqs.shape[:2]
+  root_eta = jnp.sqrt(jnp.asarray(config.erase_scale, dtype))
+  old = jnp.where(mask, inputs.old_seqs, 0).reshape(-1, d_in)
+  gamma = preserve_scale(config, inputs).astype(dtype)
+  preserve = jnp.where(inputs.preserve_mask[..., None], inputs.preserve_seqs, 0)
+  blocks = [root_eta * old, jnp.sqrt(gamma) * preserve.reshape(-1, d_in)]
+  concepts = None
+  if config.method != "uce":
+    concepts = jnp.where(inputs.concept_mask[:, None], inputs.concept_vecs, 0)
+    blocks.append(concepts)
+  q, r = jnp.linalg.qr(jnp.concatenate(blocks))
+  tokens = q[:m * length]
+  concept_part = 0 if concepts is None else targets.matmul(concepts.T, q[q.shape[0] - m:])
+  weight_coeffs = -root_eta * targets.matmul(old.T, tokens) - concept_part
+  shift_coeffs = None
+  if config.technique == "replace":
+    new = jnp.where(mask, inputs.new_seqs, 0).reshape(-1, d_in)
+    shift_coeffs = root_eta * targets.matmul((new - old).T, tokens) - concept_part
+  return FactorBasis(r, tokens.reshape(m, length, -1), weight_coeffs, shift_coeffs)
+
+
+def uses_factor_form(config: EditConfig) -> bool:
+  """Whether the edit is solved in the factor form (docs/algorithm.md "The
+  factor form"): always, but for the small-scale solver's spectral residual,
+  whose right-hand side term is not a combination of the text rows."""
+  return not (config.method == "scapre-small" and config.spectral_residual)
+
+
+def _factor(inputs: ConceptInputs, config: EditConfig) -> FactorBasis | None:
+  return factor_basis(inputs, config) if uses_factor_form(config) else None
+
+
 def uce_statistics(inputs: ConceptInputs, config: EditConfig) -> UCEStatistics:
-  return UCEStatistics(**_shared_sums(inputs, config))
+  return UCEStatistics(**_shared_sums(inputs, config), factor=_factor(inputs, config))
 
 
 def small_statistics(inputs: ConceptInputs, config: EditConfig) -> SmallStatistics:
@@ -148,16 +214,18 @@ def small_statistics(inputs: ConceptInputs, config: EditConfig) -> SmallStatisti
     basis, gate = _basis_and_gate(inputs, config)
     residual = spectral.residual_projector(
         basis, inputs.concept_vecs, inputs.concept_mask, gate)
-  return SmallStatistics(**_shared_sums(inputs, config), cct=_cct(inputs), residual=residual)
+  return SmallStatistics(**_shared_sums(inputs, config), factor=_factor(inputs, config),
+                         cct=_cct(inputs), residual=residual)
 
 
 def scapre_statistics(inputs: ConceptInputs, config: EditConfig) -> ScaPreStatistics:
   basis, gate = _basis_and_gate(inputs, config)
   return ScaPreStatistics(
-      **_shared_sums(inputs, config), cct=_cct(inputs),
+      **_shared_sums(inputs, config), factor=_factor(inputs, config), cct=_cct(inputs),
       # Pi as its basis U_r (Pi = U_r U_r^T): the Woodbury solve works in it.
       projector_basis=spectral.projector_basis(basis, rtol=config.projector_rtol),
-      ased=spectral.ased_direction(basis, gate) if config.ased else None)
+      ased=spectral.ased_direction(basis, gate) if config.ased else None,
+      ased_rows=spectral.ased_rows(basis, gate) if config.ased else None)
 
 
 Statistics = UCEStatistics | SmallStatistics | ScaPreStatistics
@@ -209,6 +277,23 @@ def _target_values(weight, inputs: ConceptInputs, config: EditConfig):
                                      technique=config.technique)
 
 
+def factor_coefficients(weight, inputs: ConceptInputs, stats: UCEStatistics,
+                        config: EditConfig, row_weights) -> Array:
+  """H_0 Q, (d_out, k'): B - W G = (H_0 Q) R without the ASED and projector
+  terms (docs/algorithm.md "The factor form"). H_0 holds sqrt(eta)
+  (r_j V_j - X_j W^T) per token row (r_j = 1 without the MI mask), 0 per
+  preserve row (W Q is on both sides) and -W c_j per concept row."""
+  factor = stats.factor
+  if row_weights is None and config.technique == "replace":
+    return targets.matmul(weight, factor.shift_coeffs)
+  _, values = _target_values(weight, inputs, config)
+  if row_weights is not None:
+    values = row_weights[:, None, :] * values
+  root_eta = jnp.sqrt(jnp.asarray(config.erase_scale, weight.dtype))
+  return (root_eta * targets.einsum("mlo,mlr->or", values, factor.tokens)
+          + targets.matmul(weight, factor.weight_coeffs))
+
+
 def row_entropy(weight, inputs: ConceptInputs, noise: probes.ProbeNoise,
                 config: EditConfig) -> Array:
   """e of every row (docs/algorithm.md "Entropy factor")."""
@@ -223,6 +308,9 @@ def edit_uce(weight: Float[Array, "d_out d_in"], inputs: ConceptInputs,
   """docs/algorithm.md "UCE baseline": (lambda W + V + W Q)(lambda I + eta S + Q)^{-1}.
   No probes (the MI mask setting is ignored); `key` is unused."""
   del key
+  if uses_factor_form(config):  # "The factor form"
+    return weight + solvers.solve_factored(
+        stats.factor.rows, factor_coefficients(weight, inputs, stats, config, None), config.lamb)
   eye = jnp.eye(weight.shape[1], dtype=weight.dtype)
   correction = correction_sum(weight, inputs, stats, config)
   return weight + solvers.solve_spd_right(
@@ -240,7 +328,11 @@ def edit_small(weight: Float[Array, "d_out d_in"], inputs: ConceptInputs,
   # W' G = B = lambda W + V + W Q - eta_res W C_res C_res^T.
   gram = config.lamb * eye + stats.cct + eta * stats.xx + stats.preserve
   eta_res = eta if config.residual_scale is None else config.residual_scale
-  if weights is None:  # solved for W' - W ("The correction form")
+  if uses_factor_form(config):  # "The factor form"
+    solved = weight + solvers.solve_factored(
+        stats.factor.rows, factor_coefficients(weight, inputs, stats, config, weights),
+        config.lamb)
+  elif weights is None:  # solved for W' - W ("The correction form")
     cross = stats.cct + eta_res * stats.residual if config.spectral_residual else stats.cct
     correction = correction_sum(weight, inputs, stats, config) - targets.matmul(weight, cross)
     solved = weight + solvers.solve_spd_right(correction, gram)
@@ -265,16 +357,26 @@ def edit_scapre(weight: Float[Array, "d_out d_in"], inputs: ConceptInputs,
   spread = jnp.clip(1 - row_entropy(weight, inputs, noise, config), 0, 1)  # h
   mu = jnp.mean(spread)
   lam_prox = config.lamb + mu
-  gram = scapre_gram(stats, config, mu)
-  if weights is None:  # solved for W_e - W ("The correction form")
-    alpha = jnp.full(weight.shape[:1], eta, weight.dtype)
+  alpha = (jnp.full(weight.shape[:1], eta, weight.dtype) if weights is None
+           else eta * jnp.max(weights, axis=0))
+  basis = stats.projector_basis
+  if uses_factor_form(config):  # "The factor form"
+    rows = stats.factor.rows
+    coeffs = factor_coefficients(weight, inputs, stats, config, weights)
+    if config.ased:  # mu R = (sqrt(mu) A)^T (sqrt(mu) A): rows of this matrix's own
+      ased = jnp.sqrt(mu) * stats.ased_rows
+      rows, coeffs = solvers.compress_rows(
+          jnp.concatenate([rows, ased]),
+          jnp.concatenate([coeffs, -targets.matmul(weight, ased.T)], axis=1))
+    solved = weight + solvers.solve_factored_row_sylvester(
+        rows, coeffs, lam_prox, basis, alpha, -alpha[:, None] * targets.matmul(weight, basis))
+  elif weights is None:  # solved for W_e - W ("The correction form")
     correction = scapre_correction(weight, inputs, stats, alpha, mu, config)
-    solved = weight + solve_scapre_system(gram, stats.projector_basis, correction, alpha)
+    solved = weight + solve_scapre_system(scapre_gram(stats, config, mu), basis, correction, alpha)
   else:
-    alpha = eta * jnp.max(weights, axis=0)
     rhs = (lam_prox * weight + value_sum(weight, inputs, weights, config)
            + targets.matmul(weight, stats.preserve))
-    solved = solve_scapre_system(gram, stats.projector_basis, rhs, alpha)
+    solved = solve_scapre_system(scapre_gram(stats, config, mu), basis, rhs, alpha)
   edited = solvers.bures_prox(weight, solved, mu=mu, lam_prox=lam_prox,
                               iters=config.bures_iters)
   if config.egbr:

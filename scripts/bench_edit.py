@@ -559,9 +559,15 @@ def run_edit(args, n: int) -> dict[str, Any]:
       model, kernels, concepts, config, key, repeat=args.repeat,
       matrix_batch=args.matrix_batch, max_temp_gib=args.max_temp_gib)
   record["matrix_batch"] = edit.default_matrix_batch(args.matrix_batch)
+  # docs/algorithm.md "The factor form"; the profile below times the G
+  # form's pieces, which the engine runs only for --set spectral_residual=true.
+  record["solve_form"] = "factor" if edit.uses_factor_form(config) else "gram"
   record.update(ours)
   record["peak_rss_mib"] = peak_rss_mib()
-  if args.profile and config.method == "scapre":
+  if args.profile and record["solve_form"] == "factor":
+    log(f"N={n}: solved in the factor form; the per-piece profile covers the G form only, "
+        "so it is skipped")
+  elif args.profile and config.method == "scapre":
     record["ours_profile_s"] = profile_ours(groups, request.inputs, stats, config,
                                            edit.default_matrix_batch(args.matrix_batch),
                                            compare_solvers=args.compare_solvers)

@@ -8,19 +8,21 @@ no preserve prompts, so alpha = eta on every row), the step-6 system
 w (G + alpha Pi) = b is built in float64 and then:
 
   solve      the float64 system rounded to float32, solved in float32 for W'
-             by the engine's solver (Cholesky + Woodbury) and by per-row LAPACK
+             by the engine's G-form solver (Cholesky + Woodbury) and by per-row LAPACK
              Cholesky (the released code's solve, `reference.scapre_row_solve`);
   formation  G and b built in float32 from the float64 text (ours: b formed as
              eta W (sum Y^T X), as the engine did before the correction form;
              released: its per-concept loops), solved exactly;
   variants   the same float32 solve for W' with b built in the released order
              sum_j (W Y_j^T) X_j, and with one float32 refinement step;
-  correction the engine today: W' = W + D, D solved in float32 from
-             B - W G - alpha W Pi formed term by term (`edit.scapre_correction`,
-             docs/algorithm.md "The correction form");
-  factor     the solve in the form W + (W E^T)(cI + Z Z^T)^(-1) Z, where
-             G + alpha Pi = cI + Z^T Z and Z stacks the weighted rows. It is not in
-             the engine; it needs no more rows than d_in.
+  correction the G form: W' = W + D, D solved in
+             float32 from B - W G - alpha W Pi formed term by term
+             (`edit.scapre_correction`, docs/algorithm.md "The correction form");
+  factor     the engine's form: the text rows Z = Q R compressed once, then
+             D = (H Q) (cI + R R^T)^(-1) R with the projector through an (r, r)
+             eigendecomposition (`edit.factor_coefficients`,
+             `solvers.solve_factored_row_sylvester`, docs/algorithm.md "The
+             factor form").
 
 Every error is ||got - exact|| / ||exact|| against the float64 solution.
 
@@ -40,12 +42,11 @@ def main(argv=None) -> None:
 
   import jax
   import jax.numpy as jnp
-  import jax.scipy.linalg as jsl
   import numpy as np
   import torch
 
   from scapre_jax import edit, erase, models, precision, reference, requests, tiny, verify
-  from scapre_jax._src import targets
+  from scapre_jax._src import solvers, targets
   from scapre_jax.config import EditConfig
 
   precision.enable_x64()
@@ -133,28 +134,19 @@ def main(argv=None) -> None:
 
   correction = edit.scapre_correction(w32, inputs32, edit.concept_statistics(
       inputs32, config, jnp.float32), a32, mu32, config)
-  print(f"correction the engine's form, W + (D solved from B - W G - alpha W Pi): "
+  print(f"correction the G form, W + (D solved from B - W G - alpha W Pi): "
         f"{rel(w32 + edit.solve_scapre_system(g32, u32, correction, a32), exact):.2e}")
 
-  keep = np.asarray(inputs64.seq_mask & inputs64.concept_mask[:, None]).reshape(-1)
-  old_rows = np.asarray(inputs64.old_seqs).reshape(-1, d_in)[keep]
-  new_rows = np.asarray(inputs64.new_seqs).reshape(-1, d_in)[keep]
-  concepts = np.asarray(inputs64.concept_vecs)[np.asarray(inputs64.concept_mask)]
-  basis = np.asarray(u64)
-  eta, alpha = config.erase_scale, float(a64[0])
+  def factor_solve(weight, inputs, basis, alpha, mu):
+    stats = edit.concept_statistics(inputs, config, weight.dtype)
+    coeffs = edit.factor_coefficients(weight, inputs, stats, config, None)
+    return weight + solvers.solve_factored_row_sylvester(
+        stats.factor.rows, coeffs, config.lamb + mu, basis, alpha,
+        -alpha[:, None] * targets.matmul(weight, basis))
 
-  def factor_solve(dtype, mu):
-    x, y, cv, ub, w = (jnp.asarray(t, dtype) for t in (old_rows, new_rows, concepts, basis, w64))
-    root_eta, root_alpha = jnp.sqrt(jnp.asarray(eta, dtype)), jnp.sqrt(jnp.asarray(alpha, dtype))
-    z = jnp.concatenate([cv, root_eta * x, root_alpha * ub.T])
-    e_rows = jnp.concatenate([-cv, root_eta * (y - x), -root_alpha * ub.T])
-    inner = (config.lamb + jnp.asarray(mu, dtype)) * jnp.eye(z.shape[0], dtype=dtype) + z @ z.T
-    coeffs = jsl.cho_solve(jsl.cho_factor(inner, lower=True), (w @ e_rows.T).T).T
-    return w + coeffs @ z
-
-  print(f"factor     {len(old_rows) + len(concepts) + basis.shape[1]} rows: float64 "
-        f"{rel(factor_solve(jnp.float64, mu64), exact):.1e} (the same system)   float32 "
-        f"{rel(factor_solve(jnp.float32, mu32), exact):.2e}")
+  print(f"factor     the engine's form: float64 "
+        f"{rel(factor_solve(w64, inputs64, u64, a64, mu64), exact):.1e} (the same system)   "
+        f"float32 {rel(factor_solve(w32, inputs32, u, a, mu32), exact):.2e}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,23 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 
+import gc  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+  """Drops every compiled program after each test module.
+
+  Each XLA:CPU executable holds its own memory mappings; the whole suite
+  compiles thousands, and past the kernel's vm.max_map_count (65530 by
+  default) mmap fails and the XLA compiler segfaults (seen at 95% of the
+  suite). Programs are rarely shared across modules, so little is recompiled.
+  """
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(scope="session")

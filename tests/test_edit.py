@@ -34,22 +34,59 @@ def pad(inputs, extra_concepts, extra_rows):
       np.arange(m + extra_concepts) < m)
 
 
-@pytest.mark.parametrize("preset,overrides", [
-    ("scapre", {}),
-    ("scapre", dict(technique="tensor", egbr=True)),
-    ("scapre-nsfw", {}),
-    ("scapre-small", dict(spectral_residual=True)),
-    ("uce", {}),
+@pytest.mark.parametrize("preset,overrides,m", [
+    ("scapre", {}, 5),
+    # Fewer text rows than d_in alone (k < d_in in "The factor form"), more padded.
+    ("scapre", {}, 2),
+    ("scapre", dict(technique="tensor", egbr=True), 5),
+    ("scapre-nsfw", {}, 5),
+    ("scapre-small", dict(spectral_residual=True), 5),
+    ("uce", {}, 6),
+    ("uce", {}, 2),
 ])
-def test_padding_changes_nothing(preset, overrides):
+def test_padding_changes_nothing(preset, overrides, m):
   config = sj.EditConfig.preset(preset, noise_sigma=0.5, **overrides)
-  inputs = random_inputs(0, m=5, d_in=32, dtype=np.float64)
+  inputs = random_inputs(0, m=m, d_in=32, dtype=np.float64)
   ks = kernels(1, 32, [16, 24], jnp.float64)
   key = jax.random.key(7)
   alone = sj.edit_projections(ks, inputs, config, key=key)
   padded = sj.edit_projections(ks, pad(inputs, 4, 3), config, key=key)
   for name in ks:
     np.testing.assert_allclose(padded[name], alone[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("preset,overrides,num_preserve,m", [
+    ("scapre", {}, 0, 3),
+    ("scapre", {}, 1, 8),
+    ("scapre", dict(technique="tensor"), 2, 3),
+    ("scapre", dict(mi_mask=False, ased=False, egbr=True), 1, 8),
+    ("scapre-nsfw", {}, 2, 3),
+    ("scapre-small", {}, 2, 8),
+    ("scapre-small", dict(mi_mask=False, technique="tensor"), 0, 3),
+    ("uce", {}, 2, 3),
+    ("uce", dict(technique="tensor"), 0, 8),
+])
+def test_factor_form_equals_g_form(preset, overrides, num_preserve, m, monkeypatch):
+  # docs/algorithm.md "The factor form": the same solution, rearranged; with
+  # 3 concepts Z has fewer rows than d_in = 32, with 8 more. In float64 the
+  # two agree to cond(G) * 1e-16 = 1e-13 here (cond(G) < 1e3: lamb >= 0.5
+  # against rows of norm ~5).
+  config = sj.EditConfig.preset(preset, noise_sigma=0.5, **overrides)
+  inputs = random_inputs(3, m=m, d_in=32, length=4, num_preserve=num_preserve,
+                         dtype=np.float64)
+  assert edit_module.uses_factor_form(config)
+  weight = next(iter(kernels(2, 32, [24], jnp.float64).values())).T
+  stats = edit_module.concept_statistics(inputs, config, dtype=jnp.float64)
+  key = jax.random.key(4)
+  # A new jit wrapper per call, so the second traces the patched choice.
+  solve = lambda: jax.jit(edit_module.edit_weight, static_argnames="config")(
+      weight, inputs, stats, key, config)
+  factor = solve()
+  monkeypatch.setattr(edit_module, "uses_factor_form", lambda config: False)
+  dense = solve()
+  change = np.linalg.norm(dense - weight)
+  assert change > 0.05 * np.linalg.norm(weight)
+  np.testing.assert_allclose(factor, dense, rtol=0, atol=1e-12 * change)
 
 
 def test_same_key_same_result_and_keys_matter():

@@ -173,3 +173,62 @@ def test_bures_prox_is_a_compiled_loop():
   sizes = {n: len(jax.make_jaxpr(lambda a, b: solvers.bures_prox(
       a, b, mu=0.3, lam_prox=0.8, iters=n))(w0, we).jaxpr.eqns) for n in (2, 1000)}
   assert sizes[1000] == sizes[2]
+
+
+def factored_problem(rng, k, d_in, d_out, scale):
+  """Rows Z whose Gram c I + Z^T Z is ill conditioned (row norms up to
+  `scale`) and coefficients H."""
+  rows = rng.normal(size=(k, d_in)) * np.geomspace(1, scale, k)[:, None] / np.sqrt(d_in)
+  return rows, rng.normal(size=(d_out, k))
+
+
+@pytest.mark.parametrize("k,scale", [(1, 1.0), (7, 30.0), (20, 300.0)])
+def test_factored_solve_matches_dense_solve(k, scale):
+  rng = np.random.default_rng(k)
+  rows, coeffs = factored_problem(rng, k, 24, 9, scale)
+  c = 0.7
+  gram = c * np.eye(24) + rows.T @ rows
+  want = np.linalg.solve(gram, (coeffs @ rows).T).T  # D G = H Z
+  got = np.asarray(solvers.solve_factored(rows, coeffs, c))
+  cond = np.linalg.cond(gram)
+  np.testing.assert_allclose(got, want, rtol=0, atol=cond * 1e-14 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("rank,zero_cols", [(1, 0), (4, 1), (6, 0)])
+def test_factored_row_sylvester_matches_per_row_solves(rank, zero_cols):
+  # U spans part of the row space of Z, as Pi = span(C^T) does in the engine
+  # (the concept rows are rows of Z); some rows have alpha = 0.
+  rng = np.random.default_rng(10 + rank)
+  d_in, d_out, k, c = 24, 9, 15, 0.8
+  rows, coeffs = factored_problem(rng, k, d_in, d_out, 100.0)
+  basis, _ = np.linalg.qr(rows[-rank:].T)
+  basis[:, :zero_cols] = 0
+  alpha = rng.uniform(0, 3, size=d_out)
+  alpha[0] = 0
+  basis_coeffs = rng.normal(size=(d_out, rank))
+  gram = c * np.eye(d_in) + rows.T @ rows
+  rhs = coeffs @ rows + basis_coeffs @ basis.T
+  want = np.stack([np.linalg.solve(gram + a * basis @ basis.T, b) for a, b in zip(alpha, rhs)])
+  got = np.asarray(solvers.solve_factored_row_sylvester(rows, coeffs, c, basis, alpha,
+                                                        basis_coeffs))
+  cond = np.linalg.cond(gram)
+  np.testing.assert_allclose(got, want, rtol=0, atol=cond * 1e-14 * np.abs(want).max())
+
+
+def test_factored_solve_leaves_the_complement_of_the_rows_exactly():
+  # Rows supported on the first 5 coordinates: D = H K^{-1} Z is zero on the
+  # other 19 exactly, in float32 as in float64 (every product there is 0 * x),
+  # where solving with G = c I + Z^T Z formed leaves rounding noise there.
+  rng = np.random.default_rng(5)
+  rows, coeffs = factored_problem(rng, 8, 24, 6, 50.0)
+  rows[:, 5:] = 0
+  for dtype in (jnp.float32, jnp.float64):
+    got = np.asarray(solvers.solve_factored(jnp.asarray(rows, dtype), jnp.asarray(coeffs, dtype),
+                                            0.5))
+    assert got.dtype == dtype
+    assert np.all(got[:, 5:] == 0) and np.all(np.abs(got[:, :5]) > 0)
+    basis = np.zeros((24, 2))
+    basis[:2, :2] = np.eye(2)
+    got = np.asarray(solvers.solve_factored_row_sylvester(
+        *(jnp.asarray(x, dtype) for x in (rows, coeffs, 0.5, basis, np.ones(6), np.ones((6, 2))))))
+    assert np.all(got[:, 5:] == 0)

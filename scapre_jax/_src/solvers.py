@@ -71,6 +71,66 @@ def solve_row_sylvester_woodbury(
   return z - einsum("ol,il->oi", y * scale, f)
 
 
+def compress_rows(rows: Float[Array, "k d_in"], coeffs: Float[Array, "d_out k"]):
+  """(R, H Q) from the QR factorisation Z = Q R: the same Z^T Z and H Z in
+  min(k, d_in) rows. Householder QR is backward stable and R's rows are
+  graded, so the Cholesky factorisation of c I + R R^T that follows is far
+  more accurate in float32 than that of c I + Z Z^T (docs/algorithm.md "The
+  factor form")."""
+  q, r = jnp.linalg.qr(rows)
+  return r, einsum("ok,kr->or", coeffs, q)
+
+
+def solve_factored(
+    rows: Float[Array, "k d_in"],
+    coeffs: Float[Array, "d_out k"],
+    shift: Scalar,
+) -> Float[Array, "d_out d_in"]:
+  """Solves D (c I + Z^T Z) = H Z for D, given the rows Z and coefficients H.
+
+  The factor form (docs/algorithm.md "The factor form"): D = H K^{-1} Z with
+  K = c I + Z Z^T (k, k), since Z (c I + Z^T Z) = K Z. D lies exactly in
+  the row space of Z and G = c I + Z^T Z is never formed. Needs c > 0. The
+  engine passes rows compressed by `compress_rows`, so k <= d_in.
+  """
+  k = rows.shape[0]
+  inner = shift * jnp.eye(k, dtype=rows.dtype) + einsum("ki,li->kl", rows, rows)
+  factor = jax.scipy.linalg.cho_factor(symmetrize(inner))
+  return einsum("ok,ki->oi", jax.scipy.linalg.cho_solve(factor, coeffs.T).T, rows)
+
+
+def solve_factored_row_sylvester(
+    rows: Float[Array, "k d_in"],
+    coeffs: Float[Array, "d_out k"],
+    shift: Scalar,
+    basis: Float[Array, "d_in r"],
+    alpha: Float[Array, "d_out"],
+    basis_coeffs: Float[Array, "d_out r"],
+) -> Float[Array, "d_out d_in"]:
+  """Solves d_i (c I + Z^T Z + alpha_i U U^T) = h_i Z + g_i U^T for every row
+  i, U with orthonormal or zero columns (docs/algorithm.md "The factor form").
+
+  With d_i = f_i Z + e_i U^T, K = c I + Z Z^T and P = Z U, matching the
+  coefficients of Z and U^T gives f_i K + e_i P^T = h_i and
+  e_i (c I + alpha_i M) = g_i - alpha_i h_i K^{-1} P, where
+  M = U^T U - P^T K^{-1} P = c U^T G^{-1} U (r, r) is shared by all rows:
+  one Cholesky factorisation of K and one (r, r) eigendecomposition of M,
+  as in `solve_row_sylvester_woodbury`.
+  """
+  k = rows.shape[0]
+  inner = shift * jnp.eye(k, dtype=rows.dtype) + einsum("ki,li->kl", rows, rows)
+  factor = jax.scipy.linalg.cho_factor(symmetrize(inner))
+  solved = jax.scipy.linalg.cho_solve(factor, coeffs.T).T  # H K^{-1}
+  cross = einsum("ki,ir->kr", rows, basis)  # P
+  k_cross = jax.scipy.linalg.cho_solve(factor, cross)  # K^{-1} P
+  kappa, e = jnp.linalg.eigh(symmetrize(
+      einsum("ir,is->rs", basis, basis) - einsum("kr,ks->rs", cross, k_cross)))
+  rhs = einsum("or,rs->os", basis_coeffs - alpha[:, None] * einsum("ok,kr->or", solved, cross), e)
+  basis_part = einsum("os,rs->or", rhs / (shift + alpha[:, None] * kappa[None, :]), e)
+  row_part = solved - einsum("or,kr->ok", basis_part, k_cross)
+  return einsum("ok,ki->oi", row_part, rows) + einsum("or,ir->oi", basis_part, basis)
+
+
 def solve_spd_right(
     lhs: Float[Array, "d_out d_in"], gram: Float[Array, "d_in d_in"]
 ) -> Float[Array, "d_out d_in"]:

@@ -58,6 +58,13 @@ def ased_direction(basis: ConceptBasis, gate: Float[Array, "k"]
   return einsum("ik,k,jk->ij", basis.u, scale, basis.u)
 
 
+def ased_rows(basis: ConceptBasis, gate: Float[Array, "k"]) -> Float[Array, "k d_in"]:
+  """diag(sqrt(1 - gate)) U^T over valid directions: the rows A with
+  A^T A = `ased_direction(basis, gate)`, for the factor form."""
+  scale = jnp.where(basis.valid, 1 - gate, 0)
+  return jnp.sqrt(scale)[:, None] * basis.u.T
+
+
 def projector_basis(basis: ConceptBasis, *, rtol: float | None = None
                     ) -> Float[Array, "d_in k"]:
   """Orthonormal basis of span(C^T) as the columns of U above a relative
