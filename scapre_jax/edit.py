@@ -361,15 +361,8 @@ def edit_scapre(weight: Float[Array, "d_out d_in"], inputs: ConceptInputs,
            else eta * jnp.max(weights, axis=0))
   basis = stats.projector_basis
   if uses_factor_form(config):  # "The factor form"
-    rows = stats.factor.rows
     coeffs = factor_coefficients(weight, inputs, stats, config, weights)
-    if config.ased:  # mu R = (sqrt(mu) A)^T (sqrt(mu) A): rows of this matrix's own
-      ased = jnp.sqrt(mu) * stats.ased_rows
-      rows, coeffs = solvers.compress_rows(
-          jnp.concatenate([rows, ased]),
-          jnp.concatenate([coeffs, -targets.matmul(weight, ased.T)], axis=1))
-    solved = weight + solvers.solve_factored_row_sylvester(
-        rows, coeffs, lam_prox, basis, alpha, -alpha[:, None] * targets.matmul(weight, basis))
+    solved = weight + scapre_factor_change(weight, stats, coeffs, alpha, mu, config)
   elif weights is None:  # solved for W_e - W ("The correction form")
     correction = scapre_correction(weight, inputs, stats, alpha, mu, config)
     solved = weight + solve_scapre_system(scapre_gram(stats, config, mu), basis, correction, alpha)
@@ -422,6 +415,24 @@ def edit_weight(
         f"method {config.method!r} needs {method.statistics_type.__name__} (from "
         f"concept_statistics with the same config), got {type(stats).__name__}")
   return method.edit(weight, _cast(inputs, weight.dtype), stats, key, config)
+
+
+def scapre_factor_change(weight, stats: ScaPreStatistics, coeffs, alpha, mu,
+                         config: EditConfig) -> Array:
+  """W_e - W of large-scale step 6 in the factor form, from the coefficients
+  of `factor_coefficients`: the ASED rows of this matrix's mu (mu R =
+  (sqrt(mu) A)^T (sqrt(mu) A)) are stacked under R and factorised again, then
+  `solvers.solve_factored_row_sylvester` (docs/algorithm.md "The factor form")."""
+  rows = stats.factor.rows
+  if config.ased:
+    ased = jnp.sqrt(mu) * stats.ased_rows
+    rows, coeffs = solvers.compress_rows(
+        jnp.concatenate([rows, ased]),
+        jnp.concatenate([coeffs, -targets.matmul(weight, ased.T)], axis=1))
+  basis = stats.projector_basis
+  return solvers.solve_factored_row_sylvester(
+      rows, coeffs, config.lamb + mu, basis, alpha,
+      -alpha[:, None] * targets.matmul(weight, basis))
 
 
 def scapre_gram(stats: ScaPreStatistics, config: EditConfig, mu) -> Array:

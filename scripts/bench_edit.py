@@ -390,8 +390,9 @@ def over_matrices(fn, xs, matrix_batch):
 
 
 # The pieces below are the engine's own per-matrix functions (`edit.probe_noise`,
-# `edit.row_weights`, `edit.row_entropy`, `edit.value_sum`), each compiled
-# alone, so the profile times what `edit_scapre` runs.
+# `edit.row_weights`, `edit.row_entropy`, `edit.factor_coefficients`,
+# `edit.scapre_factor_change`), each compiled alone, so the profile times what
+# `edit_scapre` runs.
 
 
 @functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
@@ -412,28 +413,28 @@ def _entropy(stack, noise, inputs, config, matrix_batch):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
-def _corrections(stack, inputs, stats, config, matrix_batch):
-  # Without the MI mask the engine forms V - eta W S instead (`correction_sum`).
-  return over_matrices(lambda k: edit.correction_sum(k.T, inputs, stats, config),
-                       (stack,), matrix_batch)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
-def _values(stack, row_weights, inputs, config, matrix_batch):
-  return over_matrices(lambda k, r: edit.value_sum(k.T, inputs, r, config),
-                       (stack, row_weights), matrix_batch)
+def _coefficients(stack, row_weights, inputs, stats, config, matrix_batch):
+  # The factor form's H Q (`edit.factor_coefficients`); row_weights None
+  # without the MI mask.
+  if row_weights is None:
+    return over_matrices(
+        lambda k: edit.factor_coefficients(k.T, inputs, stats, config, None),
+        (stack,), matrix_batch)
+  return over_matrices(
+      lambda k, r: edit.factor_coefficients(k.T, inputs, stats, config, r),
+      (stack, row_weights), matrix_batch)
 
 
 def projector_of(stats):
   return stats.projector_basis @ stats.projector_basis.T
 
 
-@functools.partial(jax.jit, static_argnames=("matrix_batch",))
-def _linear_solve(grams, stats, rhs, alpha, matrix_batch):
-  # The engine's step-6 solve, as `edit_scapre` calls it.
+@functools.partial(jax.jit, static_argnames=("config", "matrix_batch"))
+def _linear_solve(stack, stats, coeffs, alpha, mu, config, matrix_batch):
+  # The engine's step-6 solve in the factor form, as `edit_scapre` calls it.
   return over_matrices(
-      lambda g, b, a: edit.solve_scapre_system(g, stats.projector_basis, b, a),
-      (grams, rhs, alpha), matrix_batch)
+      lambda k, h, a, m: k.T + edit.scapre_factor_change(k.T, stats, h, a, m, config),
+      (stack, coeffs, alpha, mu), matrix_batch)
 
 
 @functools.partial(jax.jit, static_argnames=("matrix_batch",))
@@ -474,9 +475,11 @@ def profile_ours(groups, inputs, stats, config, matrix_batch, *, over_sets=False
 
   Each piece is its own compiled program (first call discarded), batched over
   matrices as the engine batches them, so the sum can differ from the fused
-  `ours_solve_s`. `linear_solve` is the engine's step 6 (Cholesky and
-  Woodbury); with `compare_solvers`, `eigh`, `cholesky` and `solve_two_eigh`
-  (the two-eigh closed form) are timed for comparison.
+  `ours_solve_s`. `target_values` is the factor form's coefficients H Q and
+  `linear_solve` the engine's step 6 from them (docs/algorithm.md "The factor
+  form"); with `compare_solvers`, `eigh`, `cholesky` and `solve_two_eigh` (G
+  formed: its eigendecomposition, its Cholesky factor, the two-eigh closed
+  form) are timed for comparison.
 
   With `over_sets`, `inputs` and `stats` carry a leading sets axis (`sets.stack_sets`,
   `sets.set_statistics`) and every piece that depends on the concepts is
@@ -512,15 +515,13 @@ def profile_ours(groups, inputs, stats, config, matrix_batch, *, over_sets=False
     weights = (add("mi_mask", _mi_masks, stack, noise, inputs, config=config,
                    set_axes=(None, None, 0)) if config.mi_mask else None)
     add("entropy", _entropy, stack, noise, inputs, config=config, set_axes=(None, None, 0))
-    if weights is None:
-      add("target_values", _corrections, stack, inputs, stats, config=config,
-          set_axes=(None, 0, 0))
-    else:
-      add("target_values", _values, stack, weights, inputs, config=config,
-          set_axes=(None, 0, 0))
+    coeffs = add("target_values", _coefficients, stack, weights, inputs, stats, config=config,
+                 set_axes=(None, None if weights is None else 0, 0, 0))
     grams, rhs, alpha = (jax.vmap(problem, in_axes=(None, 0))(stack, stats) if over_sets
                          else problem(stack, stats))
-    solved = add("linear_solve", _linear_solve, grams, stats, rhs, alpha, set_axes=0)
+    mu = 0.2 + 0.01 * jnp.arange(stack.shape[0], dtype=stack.dtype)
+    solved = add("linear_solve", _linear_solve, stack, stats, coeffs, alpha, mu, config=config,
+                 set_axes=(None, 0, 0, 0, None))
     if compare_solvers:
       add("eigh", _eigh, grams, set_axes=0)
       add("cholesky", _cholesky, grams, set_axes=0)
@@ -559,15 +560,12 @@ def run_edit(args, n: int) -> dict[str, Any]:
       model, kernels, concepts, config, key, repeat=args.repeat,
       matrix_batch=args.matrix_batch, max_temp_gib=args.max_temp_gib)
   record["matrix_batch"] = edit.default_matrix_batch(args.matrix_batch)
-  # docs/algorithm.md "The factor form"; the profile below times the G
-  # form's pieces, which the engine runs only for --set spectral_residual=true.
+  # docs/algorithm.md "The factor form"; "gram" only for scapre-small with
+  # spectral_residual.
   record["solve_form"] = "factor" if edit.uses_factor_form(config) else "gram"
   record.update(ours)
   record["peak_rss_mib"] = peak_rss_mib()
-  if args.profile and record["solve_form"] == "factor":
-    log(f"N={n}: solved in the factor form; the per-piece profile covers the G form only, "
-        "so it is skipped")
-  elif args.profile and config.method == "scapre":
+  if args.profile and config.method == "scapre":
     record["ours_profile_s"] = profile_ours(groups, request.inputs, stats, config,
                                            edit.default_matrix_batch(args.matrix_batch),
                                            compare_solvers=args.compare_solvers)
