@@ -91,7 +91,7 @@ def main(argv=None) -> None:
   with reference.precision(torch.float32), torch.no_grad():
     rows = reference.scapre_row_solve(*(torch.from_numpy(np.asarray(x, np.float32)) for x in (
         g64, projector, b64, a64))).numpy()
-  print(f"solve      engine {rel(edit.solve_scapre_system(g, u, b, a), exact):.2e}   "
+  print(f"solve      G form {rel(edit.solve_scapre_system(g, u, b, a), exact):.2e}   "
         f"per-row Cholesky {rel(rows, exact):.2e}")
 
   g32, u32, b32, a32, mu32 = system(w32, inputs32, jnp.float32)
@@ -126,7 +126,7 @@ def main(argv=None) -> None:
   def apply(w):
     return targets.matmul(w, g32) + a32[:, None] * targets.matmul(targets.matmul(w, u32), u32.T)
 
-  for label, rhs in (("engine b", b32), ("released-order b", b_rows)):
+  for label, rhs in (("G-form b", b32), ("released-order b", b_rows)):
     plain = edit.solve_scapre_system(g32, u32, rhs, a32)
     refined = plain + edit.solve_scapre_system(g32, u32, rhs - apply(plain), a32)
     print(f"variants   {label}: plain {rel(plain, exact):.2e}  one refinement step "
