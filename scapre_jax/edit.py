@@ -421,14 +421,13 @@ def scapre_factor_change(weight, stats: ScaPreStatistics, coeffs, alpha, mu,
                          config: EditConfig) -> Array:
   """W_e - W of large-scale step 6 in the factor form, from the coefficients
   of `factor_coefficients`: the ASED rows of this matrix's mu (mu R =
-  (sqrt(mu) A)^T (sqrt(mu) A)) are stacked under R and factorised again, then
+  (sqrt(mu) A)^T (sqrt(mu) A)) are stacked under R, then
   `solvers.solve_factored_row_sylvester` (docs/algorithm.md "The factor form")."""
   rows = stats.factor.rows
   if config.ased:
     ased = jnp.sqrt(mu) * stats.ased_rows
-    rows, coeffs = solvers.compress_rows(
-        jnp.concatenate([rows, ased]),
-        jnp.concatenate([coeffs, -targets.matmul(weight, ased.T)], axis=1))
+    rows = jnp.concatenate([rows, ased])
+    coeffs = jnp.concatenate([coeffs, -targets.matmul(weight, ased.T)], axis=1)
   basis = stats.projector_basis
   return solvers.solve_factored_row_sylvester(
       rows, coeffs, config.lamb + mu, basis, alpha,

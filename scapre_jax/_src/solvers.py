@@ -71,16 +71,6 @@ def solve_row_sylvester_woodbury(
   return z - einsum("ol,il->oi", y * scale, f)
 
 
-def compress_rows(rows: Float[Array, "k d_in"], coeffs: Float[Array, "d_out k"]):
-  """(R, H Q) from the QR factorisation Z = Q R: the same Z^T Z and H Z in
-  min(k, d_in) rows. Householder QR is backward stable and R's rows are
-  graded, so the Cholesky factorisation of c I + R R^T that follows is far
-  more accurate in float32 than that of c I + Z Z^T (docs/algorithm.md "The
-  factor form")."""
-  q, r = jnp.linalg.qr(rows)
-  return r, einsum("ok,kr->or", coeffs, q)
-
-
 def solve_factored(
     rows: Float[Array, "k d_in"],
     coeffs: Float[Array, "d_out k"],
@@ -91,7 +81,8 @@ def solve_factored(
   The factor form (docs/algorithm.md "The factor form"): D = H K^{-1} Z with
   K = c I + Z Z^T (k, k), since Z (c I + Z^T Z) = K Z. D lies exactly in
   the row space of Z and G = c I + Z^T Z is never formed. Needs c > 0. The
-  engine passes rows compressed by `compress_rows`, so k <= d_in.
+  engine passes the R of a QR factorisation of its rows (`edit.factor_basis`),
+  so k <= d_in, plus a few rows per matrix.
   """
   k = rows.shape[0]
   inner = shift * jnp.eye(k, dtype=rows.dtype) + einsum("ki,li->kl", rows, rows)
