@@ -321,30 +321,36 @@ def edit_small(weight: Float[Array, "d_out d_in"], inputs: ConceptInputs,
                stats: SmallStatistics, key: Array, config: EditConfig
                ) -> Float[Array, "d_out d_in"]:
   """docs/algorithm.md "Small-scale solver": one solve, entropy rollback."""
-  eta = config.erase_scale
-  eye = jnp.eye(weight.shape[1], dtype=weight.dtype)
   noise = probe_noise(key, inputs, config, weight.dtype)
   weights = row_weights(weight, inputs, noise, config)
-  # W' G = B = lambda W + V + W Q - eta_res W C_res C_res^T.
-  gram = config.lamb * eye + stats.cct + eta * stats.xx + stats.preserve
-  eta_res = eta if config.residual_scale is None else config.residual_scale
   if uses_factor_form(config):  # "The factor form"
     solved = weight + solvers.solve_factored(
         stats.factor.rows, factor_coefficients(weight, inputs, stats, config, weights),
         config.lamb)
-  elif weights is None:  # solved for W' - W ("The correction form")
-    cross = stats.cct + eta_res * stats.residual if config.spectral_residual else stats.cct
-    correction = correction_sum(weight, inputs, stats, config) - targets.matmul(weight, cross)
-    solved = weight + solvers.solve_spd_right(correction, gram)
   else:
-    rhs = (config.lamb * weight + value_sum(weight, inputs, weights, config)
-           + targets.matmul(weight, stats.preserve))
-    if config.spectral_residual:
-      rhs = rhs - eta_res * (targets.matmul(weight, stats.residual))
-    solved = solvers.solve_spd_right(rhs, gram)
+    solved = _small_gram_solve(weight, inputs, stats, config, weights)
   keep = (config.alpha_min + (1 - config.alpha_min) * row_entropy(weight, inputs, noise, config)
           )[:, None]
   return keep * solved + (1 - keep) * weight
+
+
+def _small_gram_solve(weight, inputs: ConceptInputs, stats: SmallStatistics,
+                      config: EditConfig, weights) -> Array:
+  """The small-scale solve with G formed: W' G = B = lambda W + V + W Q -
+  eta_res W C_res C_res^T (the spectral residual's only form)."""
+  eta = config.erase_scale
+  eye = jnp.eye(weight.shape[1], dtype=weight.dtype)
+  gram = config.lamb * eye + stats.cct + eta * stats.xx + stats.preserve
+  eta_res = eta if config.residual_scale is None else config.residual_scale
+  if weights is None:  # solved for W' - W ("The correction form")
+    cross = stats.cct + eta_res * stats.residual if config.spectral_residual else stats.cct
+    correction = correction_sum(weight, inputs, stats, config) - targets.matmul(weight, cross)
+    return weight + solvers.solve_spd_right(correction, gram)
+  rhs = (config.lamb * weight + value_sum(weight, inputs, weights, config)
+         + targets.matmul(weight, stats.preserve))
+  if config.spectral_residual:
+    rhs = rhs - eta_res * (targets.matmul(weight, stats.residual))
+  return solvers.solve_spd_right(rhs, gram)
 
 
 def edit_scapre(weight: Float[Array, "d_out d_in"], inputs: ConceptInputs,

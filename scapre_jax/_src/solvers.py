@@ -71,6 +71,12 @@ def solve_row_sylvester_woodbury(
   return z - einsum("ol,il->oi", y * scale, f)
 
 
+def _factor_inner(rows: Float[Array, "k d_in"], shift: Scalar):
+  """Cholesky factor of K = c I + Z Z^T, the (k, k) matrix of the factor form."""
+  inner = shift * jnp.eye(rows.shape[0], dtype=rows.dtype) + einsum("ki,li->kl", rows, rows)
+  return jax.scipy.linalg.cho_factor(symmetrize(inner))
+
+
 def solve_factored(
     rows: Float[Array, "k d_in"],
     coeffs: Float[Array, "d_out k"],
@@ -84,9 +90,7 @@ def solve_factored(
   engine passes the R of a QR factorisation of its rows (`edit.factor_basis`),
   so k <= d_in, plus a few rows per matrix.
   """
-  k = rows.shape[0]
-  inner = shift * jnp.eye(k, dtype=rows.dtype) + einsum("ki,li->kl", rows, rows)
-  factor = jax.scipy.linalg.cho_factor(symmetrize(inner))
+  factor = _factor_inner(rows, shift)
   return einsum("ok,ki->oi", jax.scipy.linalg.cho_solve(factor, coeffs.T).T, rows)
 
 
@@ -108,9 +112,7 @@ def solve_factored_row_sylvester(
   one Cholesky factorisation of K and one (r, r) eigendecomposition of M,
   as in `solve_row_sylvester_woodbury`.
   """
-  k = rows.shape[0]
-  inner = shift * jnp.eye(k, dtype=rows.dtype) + einsum("ki,li->kl", rows, rows)
-  factor = jax.scipy.linalg.cho_factor(symmetrize(inner))
+  factor = _factor_inner(rows, shift)
   solved = jax.scipy.linalg.cho_solve(factor, coeffs.T).T  # H K^{-1}
   cross = einsum("ki,ir->kr", rows, basis)  # P
   k_cross = jax.scipy.linalg.cho_solve(factor, cross)  # K^{-1} P
